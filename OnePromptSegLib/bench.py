@@ -1,0 +1,256 @@
+"""``onepromptseg bench DATA_DIR``: the project's benchmark, in-process.
+
+It follows the reference protocol (../shared/tools/eval_propagation.py): for every <case>_img/_lbl.nii.gz and each of
+its (up to 4 largest) labels along k, the ground-truth mask of the largest slice is the one prompt -> volumetric Dice
+(``dice1``) and Dice within +-10 slices (``win10``); then the worst slice's truth is added as a corrected slice until
+Dice >= 0.90 (``noi90``, capped).  Corrections go through ``PropagationSession.correct`` so only the affected range
+is recomputed, as in the Slicer module.  It also reports, per prompt kind, the first slice from a click, a box and a
+doodle alone and the volume propagated from it, and One-Prompt transfer (prompt one case, segment another case of
+the same dataset), with timings.
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import sys
+import time
+import warnings
+from typing import Dict, List, Optional
+
+import numpy as np
+from scipy import ndimage as ndi
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("data", help="folder with <case>_img.nii.gz and <case>_lbl.nii.gz files (searched recursively)")
+    p.add_argument("--kinds", default="mask,box,click,doodle", help="prompt kinds to measure (mask = the protocol)")
+    p.add_argument("--transfer", action="store_true", help="also measure One-Prompt transfer between cases")
+    p.add_argument("--max-anchors", type=int, default=20)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--model", default=None)
+    p.add_argument("--ssim-threshold", type=float, default=None)
+    p.add_argument("--no-reprompt", action="store_true")
+    p.add_argument("--max-templates", type=int, default=None)
+    p.add_argument("--no-stop", action="store_true")
+    p.add_argument("--json", default="", help="write rows and summary to this file")
+    p.set_defaults(func=cmd_bench)
+
+
+def add_speed_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--shape", default="100,256,256", help="volume shape k,j,i (e.g. 300,512,512)")
+    p.add_argument("--dtype", default="int16", help="voxel type of the generated volume")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--model", default=None)
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    p.set_defaults(func=cmd_speed)
+
+
+def cmd_speed(args: argparse.Namespace) -> int:
+    """Time per slice step and peak memory on a generated volume with an object through every slice."""
+    import resource
+
+    import torch
+
+    from .checkpoints import load_model
+    from .engine import EngineSettings, PropagationSession
+    from .prompts import MaskPrompt
+    from .synth import blob_mask
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    D, H, W = (int(v) for v in args.shape.split(","))
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    vol = np.zeros((D, H, W), np.dtype(args.dtype))
+    obj = np.zeros((D, H, W), bool)
+    for k in range(D):  # one slice at a time: the test volume itself must not need a float copy
+        m = blob_mask((1, H, W), (0, H * 0.45, W * 0.5), (1, H * 0.12, W * 0.1), wobble=0.1, phase=k * 0.05)[0]
+        obj[k] = m
+        vol[k] = np.where(m, 300, 40).astype(vol.dtype)
+    vol_mb = vol.nbytes / 2 ** 20
+    model = load_model(args.model, args.device)
+    sess = PropagationSession(model, EngineSettings())
+    sess.set_volume(vol, "k", (0.7, 0.7, 1.5))
+    k0 = D // 2
+    sess.add_prompt(MaskPrompt(k0, obj[k0]))
+    t0 = time.time()
+    n = sum(1 for _ in sess.propagate())
+    dt = time.time() - t0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    out = dict(shape_kji=[D, H, W], dtype=args.dtype, device=str(model.device), threads=torch.get_num_threads(),
+               slices=n, seconds=round(dt, 2), ms_per_slice=round(1000 * dt / max(n, 1), 1),
+               volume_mb=round(vol_mb, 1), result_mb=round(sess.result.nbytes / 2 ** 20, 1),
+               peak_rss_mb=round(peak, 1), rss_before_volume_mb=round(rss0, 1), dice=round(dice(sess.result, obj), 4))
+    print(json.dumps(out))
+    return 0
+
+
+def tasks(lbl: np.ndarray, min_vox: int = 200, min_slices: int = 3, max_labels: int = 4) -> List[int]:
+    """The labels the reference protocol evaluates: largest first, enough voxels and slices."""
+    ids, counts = np.unique(lbl[lbl > 0], return_counts=True)
+    out = []
+    for i, c in sorted(zip(ids, counts), key=lambda t: -t[1]):
+        m = lbl == i
+        if c >= min_vox and (m.sum(axis=(1, 2)) > 0).sum() >= min_slices:
+            out.append(int(i))
+    return out[:max_labels]
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a.astype(bool), b.astype(bool)
+    s = a.sum() + b.sum()
+    return 1.0 if s == 0 else float(2.0 * (a & b).sum() / s)
+
+
+def simulated_prompt(kind: str, m: np.ndarray, s: int):
+    """A deterministic user-like prompt of ``kind`` for the 2D truth ``m`` on slice ``s``."""
+    from skimage.morphology import skeletonize
+
+    from .prompts import BBox, Click, Doodle, MaskPrompt
+
+    if kind == "mask":
+        return MaskPrompt(s, m)
+    rr, cc = np.nonzero(m)
+    if kind == "box":
+        return BBox(s, float(rr.min()), float(cc.min()), float(max(rr.max(), rr.min() + 1)),
+                    float(max(cc.max(), cc.min() + 1)))
+    if kind == "click":
+        d = ndi.distance_transform_edt(m)
+        r, c = np.unravel_index(int(d.argmax()), d.shape)
+        return Click(s, [(float(r), float(c))], [1])
+    sk = skeletonize(m)
+    return Doodle(s, sk if sk.any() else m, None)
+
+
+def cases(data_dir: str):
+    for ip in sorted(glob.glob(os.path.join(data_dir, "**", "*_img.nii.gz"), recursive=True)):
+        lp = ip.replace("_img.nii.gz", "_lbl.nii.gz")
+        if os.path.exists(lp):
+            yield ip, lp
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .checkpoints import load_model
+    from .engine import EngineSettings, PropagationSession
+    from .io import read_label_volume, read_volume
+    from .prompts import MaskPrompt, PromptError
+
+    warnings.simplefilter("ignore")
+    model = load_model(args.model, args.device)
+    settings = EngineSettings(reprompt=not args.no_reprompt)
+    if args.ssim_threshold is not None:
+        settings.ssim_threshold = args.ssim_threshold
+    if args.max_templates is not None:
+        settings.max_templates = args.max_templates
+    if args.no_stop:
+        settings.stop_after_empty = 10 ** 9
+    kinds = [k for k in args.kinds.split(",") if k]
+    rows: List[Dict] = []
+    loaded = {}
+    t_all = time.time()
+    step_times: List[float] = []
+    for ip, lp in cases(args.data):
+        vol = read_volume(ip)
+        lbl = read_label_volume(lp, vol)
+        loaded[ip] = (vol, lbl)
+        for lab in tasks(lbl):
+            gt = (lbl == lab)
+            area = gt.sum(axis=(1, 2))
+            k0 = int(area.argmax())
+            row: Dict = dict(case=os.path.relpath(ip, args.data), label=lab, slices=int((area > 0).sum()))
+            sess = PropagationSession(model, settings)
+            sess.set_volume(vol.array, "k", vol.spacing)
+            sess.add_prompt(MaskPrompt(k0, gt[k0]))
+            t0 = time.time()
+            n = sum(1 for _ in sess.propagate())
+            step_times.append((time.time() - t0) / max(n, 1))
+            pred = sess.result
+            row["dice1"] = round(dice(pred, gt), 4)
+            lo, hi = max(0, k0 - 10), min(gt.shape[0], k0 + 11)
+            row["win10"] = round(dice(pred[lo:hi], gt[lo:hi]), 4)
+            anchors = [k0]
+            d = row["dice1"]
+            while d < 0.90 and len(anchors) < args.max_anchors:
+                per = [dice(pred[z], gt[z]) if (gt[z].any() or pred[z].any()) else 1.0 for z in range(gt.shape[0])]
+                cand = [int(z) for z in np.argsort(per, kind="stable") if int(z) not in anchors]
+                if not cand:
+                    break
+                anchors.append(cand[0])
+                sess.correct(cand[0], gt[cand[0]])
+                for _ in sess.propagate():
+                    pass
+                pred = sess.result
+                d = dice(pred, gt)
+            row["noi90"] = len(anchors) if d >= 0.90 else None
+            row["final"] = round(d, 4)
+            row["ms_per_slice"] = round(1000 * step_times[-1], 1)
+            for kind in kinds:
+                if kind == "mask":
+                    continue
+                s2 = PropagationSession(model, settings)
+                s2.set_volume(vol.array, "k", vol.spacing)
+                try:
+                    first = s2.add_prompt(simulated_prompt(kind, gt[k0], k0))
+                    for _ in s2.propagate():
+                        pass
+                    row[f"{kind}_first"] = round(dice(first, gt[k0]), 4)
+                    row[f"{kind}_dice1"] = round(dice(s2.result, gt), 4)
+                except PromptError:
+                    row[f"{kind}_first"] = 0.0
+                    row[f"{kind}_dice1"] = 0.0
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    if args.transfer:
+        by_ds: Dict[str, List[str]] = {}
+        for ip in loaded:
+            by_ds.setdefault(os.path.dirname(ip), []).append(ip)
+        for ds, ips in by_ds.items():
+            for a, b in zip(ips, ips[1:] + ips[:1]):
+                if a == b:
+                    continue
+                (va, la), (vb, lb) = loaded[a], loaded[b]
+                for lab in tasks(lb)[:2]:
+                    if not (la == lab).any():
+                        continue
+                    ga, gb = la == lab, lb == lab
+                    ka = int(ga.sum(axis=(1, 2)).argmax())
+                    sess = PropagationSession(model, settings)
+                    sess.set_volume(vb.array, "k", vb.spacing)
+                    try:
+                        sess.add_reference(va.array, MaskPrompt(ka, ga[ka]), "k", va.spacing)
+                        for _ in sess.propagate():
+                            pass
+                        dt = dice(sess.result, gb)
+                    except PromptError:
+                        dt = 0.0
+                    r = dict(transfer_from=os.path.relpath(a, args.data), case=os.path.relpath(b, args.data),
+                             label=lab, transfer_dice=round(dt, 4))
+                    rows.append(r)
+                    print(json.dumps(r), flush=True)
+    main_rows = [r for r in rows if "dice1" in r]
+    summ: Dict = dict(tasks=len(main_rows), model=model.name, device=str(model.device),
+                      dice1=_mean(main_rows, "dice1"), win10=_mean(main_rows, "win10"),
+                      reached90=sum(1 for r in main_rows if r["noi90"]),
+                      mean_noi90_capped=round(float(np.mean([r["noi90"] or args.max_anchors for r in main_rows])), 2)
+                      if main_rows else None,
+                      ms_per_slice=round(1000 * float(np.mean(step_times)), 1) if step_times else None,
+                      seconds=round(time.time() - t_all, 1))
+    for kind in kinds:
+        if kind != "mask":
+            summ[f"{kind}_first"] = _mean(main_rows, f"{kind}_first")
+            summ[f"{kind}_dice1"] = _mean(main_rows, f"{kind}_dice1")
+    tr = [r["transfer_dice"] for r in rows if "transfer_dice" in r]
+    if tr:
+        summ["transfer_dice"] = round(float(np.mean(tr)), 4)
+        summ["transfer_pairs"] = len(tr)
+    print(json.dumps(summ), flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(summary=summ, rows=rows, settings=vars(settings)), f, indent=1)
+    return 0
+
+
+def _mean(rows: List[Dict], key: str) -> Optional[float]:
+    v = [r[key] for r in rows if r.get(key) is not None]
+    return round(float(np.mean(v)), 4) if v else None

@@ -1,0 +1,289 @@
+"""``onepromptseg``: propagate a one-slice prompt through a volume from the command line.
+
+    onepromptseg propagate IMAGE -o OUT [--prompt-mask MASK [--label N]] [--click I,J,K[,neg]]...
+                 [--box A0,B0,A1,B1,S]... [--scribble SCRIBBLE_MASK] [--axis i|j|k] [--device auto|cpu|cuda]
+                 [--model NAME_OR_PATH] [--ssim-threshold T] [--no-reprompt] [--preview PNG]
+    onepromptseg demo [--out DIR]
+    onepromptseg bench DATA_DIR [--kinds mask,box,click,doodle] [--transfer]
+    onepromptseg speed [--shape 300,512,512]
+    onepromptseg models
+
+Bad input exits with status 2 and one line on stderr, and leaves no output file behind.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+import warnings
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from .checkpoints import CheckpointError, DeviceFallbackWarning, list_models, load_model
+from .engine import EngineSettings, PropagationSession
+from .io import Volume, VolumeIOError, read_label_volume, read_volume, write_mask
+from .prompts import BBox, Click, Doodle, MaskPrompt, PromptError, ijk_axis, masks_from_label_volume, numpy_axis
+
+
+class UsageError(ValueError):
+    """A command-line value that cannot be parsed."""
+
+
+def _floats(text: str, n: Sequence[int], what: str) -> List[str]:
+    parts = [p.strip() for p in text.split(",")]
+    if len(parts) not in n:
+        raise UsageError(f"{what} {text!r}: expected {' or '.join(str(k) for k in n)} comma-separated values")
+    return parts
+
+
+def parse_click(text: str) -> Tuple[Tuple[float, float, float], int]:
+    """'I,J,K' (positive) or 'I,J,K,neg' -> ((i, j, k), label)."""
+    parts = _floats(text, (3, 4), "--click")
+    label = 1
+    if len(parts) == 4:
+        if parts[3].lower() in ("neg", "negative", "0", "-"):
+            label = 0
+        elif parts[3].lower() not in ("pos", "positive", "1", "+"):
+            raise UsageError(f"--click {text!r}: the 4th value must be 'neg' or 'pos'")
+    try:
+        return (float(parts[0]), float(parts[1]), float(parts[2])), label
+    except ValueError:
+        raise UsageError(f"--click {text!r}: I,J,K must be numbers") from None
+
+
+def parse_box(text: str, axis: int) -> BBox:
+    """'A0,B0,A1,B1,S': corners in the two in-plane IJK axes (in i, j, k order) and the slice index along axis."""
+    parts = _floats(text, (5,), "--box")
+    try:
+        a0, b0, a1, b1, s = (float(p) for p in parts)
+    except ValueError:
+        raise UsageError(f"--box {text!r}: values must be numbers") from None
+    inplane = [d for d in range(3) if d != axis]
+    c0, c1 = [0.0, 0.0, 0.0], [0.0, 0.0, 0.0]
+    c0[inplane[0]], c0[inplane[1]], c0[axis] = a0, b0, s
+    c1[inplane[0]], c1[inplane[1]], c1[axis] = a1, b1, s
+    return BBox.from_ijk(c0, c1, axis)
+
+
+def build_prompts(args: argparse.Namespace, vol: Volume) -> List:
+    """All prompts given on the command line, validated against the volume."""
+    axis = ijk_axis(args.axis)
+    prompts: List = []
+    if args.prompt_mask:
+        lab = read_label_volume(args.prompt_mask, vol)
+        prompts += masks_from_label_volume(lab, axis, args.label, vol.array.shape)
+    if args.click:
+        by_slice: Dict[int, List] = {}
+        for c in args.click:
+            ijk, label = parse_click(c)
+            by_slice.setdefault(int(round(ijk[axis])), []).append((ijk, label))
+        for items in by_slice.values():
+            prompts.append(Click.from_ijk([p for p, _ in items], [lab for _, lab in items], axis))
+    for b in args.box or []:
+        prompts.append(parse_box(b, axis))
+    if args.scribble:
+        lab = read_label_volume(args.scribble, vol)
+        a = numpy_axis(axis)
+        other = tuple(d for d in range(3) if d != a)
+        slices = np.flatnonzero((lab == 1).any(axis=other))
+        if not len(slices):
+            raise PromptError(f"{args.scribble}: no foreground strokes (label 1) found; label 2 marks background")
+        for s in slices:
+            sl = np.take(lab, int(s), axis=a)
+            prompts.append(Doodle(int(s), sl == 1, sl == 2))
+    if not prompts:
+        raise UsageError("no prompt given: use --prompt-mask, --click, --box or --scribble")
+    return prompts
+
+
+class Progress:
+    """A one-line progress bar on stderr (redrawn in place on a terminal, every 10% otherwise)."""
+
+    def __init__(self, label: str, stream=sys.stderr):
+        self.label, self.stream, self.t0, self.last = label, stream, time.time(), -1
+        self.tty = getattr(stream, "isatty", lambda: False)()
+
+    def update(self, done: int, total: int) -> None:
+        pct = int(100 * done / max(total, 1))
+        if not self.tty and pct // 10 == self.last // 10 and done != total:
+            return
+        self.last = pct
+        ms = 1000 * (time.time() - self.t0) / max(done, 1)
+        bar = "#" * (pct // 5) + "." * (20 - pct // 5)
+        end = "\n" if (done == total or not self.tty) else ""
+        self.stream.write(f"\r{self.label} [{bar}] {done}/{total} slices, {ms:.0f} ms/slice{end}")
+        self.stream.flush()
+
+
+def write_preview(path: str, image: np.ndarray, mask: np.ndarray, axis: int, n: int = 12) -> None:
+    """A PNG montage of up to ``n`` slices through the object with the mask outlined in red."""
+    from scipy import ndimage as ndi
+    from skimage.io import imsave
+
+    a = numpy_axis(axis)
+    other = tuple(d for d in range(3) if d != a)
+    present = np.flatnonzero(mask.any(axis=other))
+    picks = np.linspace(present.min(), present.max(), min(n, len(present))).round().astype(int) if len(present) else \
+        np.linspace(0, image.shape[a] - 1, min(n, image.shape[a])).round().astype(int)
+    lo, hi = np.percentile(image, [1, 99])
+    tiles = []
+    for s in picks:
+        im = np.clip((np.take(image, s, a).astype(np.float32) - lo) / max(hi - lo, 1e-6), 0, 1)
+        m = np.take(mask, s, a).astype(bool)
+        edge = m & ~ndi.binary_erosion(m)
+        rgb = np.stack([im, im, im], -1)
+        rgb[edge] = (1.0, 0.1, 0.1)
+        tiles.append((rgb * 255).astype(np.uint8))
+    cols = min(4, len(tiles))
+    rows = -(-len(tiles) // cols)
+    h, w = tiles[0].shape[:2]
+    grid = np.zeros((rows * h, cols * w, 3), np.uint8)
+    for i, t in enumerate(tiles):
+        grid[(i // cols) * h:(i // cols + 1) * h, (i % cols) * w:(i % cols + 1) * w] = t
+    tmp = path + ".tmp.png"
+    imsave(tmp, grid, check_contrast=False)
+    os.replace(tmp, path)
+
+
+def run_propagation(model, vol: Volume, prompts: List, axis: int, settings: EngineSettings,
+                    direction: str = "both", progress: Optional[Progress] = None) -> np.ndarray:
+    """Add every prompt to a session over ``vol`` and propagate; returns the (k,j,i) uint8 mask."""
+    sess = PropagationSession(model, settings)
+    sess.set_volume(vol.array, axis, vol.spacing)
+    for p in prompts:
+        sess.add_prompt(p)
+    for r in sess.propagate(direction):
+        if progress:
+            progress.update(r.done, r.total)
+    return sess.result
+
+
+def cmd_propagate(args: argparse.Namespace) -> int:
+    vol = read_volume(args.image)
+    axis = ijk_axis(args.axis)
+    if args.output.endswith("/") or os.path.isdir(args.output):
+        raise UsageError(f"-o {args.output}: give an output file name (.nii.gz, .nrrd or .seg.nrrd)")
+    out_dir = os.path.dirname(os.path.abspath(args.output))
+    if not os.path.isdir(out_dir):
+        raise UsageError(f"-o {args.output}: folder {out_dir} does not exist")
+    prompts = build_prompts(args, vol)
+    model = load_model(args.model, args.device)
+    settings = EngineSettings(reprompt=not args.no_reprompt)
+    if args.ssim_threshold is not None:
+        settings.ssim_threshold = args.ssim_threshold
+    if args.max_templates is not None:
+        settings.max_templates = args.max_templates
+    if args.no_stop:
+        settings.stop_after_empty = 10 ** 9
+    mask = run_propagation(model, vol, prompts, axis, settings, args.direction,
+                           None if args.quiet else Progress("propagating"))
+    write_mask(mask, vol, args.output)
+    if args.preview:
+        write_preview(args.preview, vol.array, mask, axis)
+    if not args.quiet:
+        print(f"wrote {args.output}: {int(mask.sum())} voxels on {int((mask.any(axis=tuple(d for d in range(3) if d != numpy_axis(axis)))).sum())} slices",
+              file=sys.stderr)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .synth import make_demo_volume
+
+    img, truth, spacing = make_demo_volume()
+    vol = Volume(img, spacing, (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1), None)
+    os.makedirs(args.out, exist_ok=True)
+    k0 = int(truth.sum(axis=(1, 2)).argmax())
+    model = load_model(args.model, args.device)
+    print(f"demo volume {img.shape[::-1]} (i,j,k), spacing {spacing} mm; one drawn slice k={k0}; "
+          f"model {model.name} on {model.device}")
+    t0 = time.time()
+    mask = run_propagation(model, vol, [MaskPrompt(k0, truth[k0].astype(bool))], 2, EngineSettings(),
+                           progress=Progress("propagating"))
+    dt = time.time() - t0
+    steps = img.shape[0] - 1
+    d = dice(mask, truth)
+    write_mask(truth, vol, os.path.join(args.out, "demo_truth.nii.gz"))
+    vol.to_sitk()  # geometry check
+    import SimpleITK as sitk
+    sitk.WriteImage(vol.to_sitk(img), os.path.join(args.out, "demo_image.nii.gz"))
+    write_mask(mask, vol, os.path.join(args.out, "demo_mask.nii.gz"))
+    write_mask(mask, vol, os.path.join(args.out, "demo_mask.seg.nrrd"), segment_name="Lesion")
+    write_preview(os.path.join(args.out, "demo_preview.png"), img, mask, 2)
+    print(f"Dice {d:.3f} against the known truth; {1000 * dt / steps:.1f} ms per slice ({steps} slices, "
+          f"{dt:.2f} s in all)")
+    print(f"wrote {args.out}/demo_image.nii.gz, demo_mask.nii.gz, demo_mask.seg.nrrd, demo_preview.png")
+    return 0
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    """Dice of two binary arrays (1.0 when both are empty)."""
+    a, b = a.astype(bool), b.astype(bool)
+    s = a.sum() + b.sum()
+    return 1.0 if s == 0 else float(2.0 * (a & b).sum() / s)
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    for e in list_models():
+        flag = "*" if e["default"] else " "
+        where = "bundled" if os.path.exists(e["path"]) else (e.get("url") or "missing")
+        print(f"{flag} {e['name']:24s} {e.get('bytes', 0) / 1e6:6.2f} MB  input {e.get('input_size')}  {where}")
+    return 0
+
+
+def make_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="onepromptseg", description="Segment a structure through a volume from one "
+                                 "prompted slice (OnePromptSeg).")
+    sub = ap.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("propagate", help="propagate prompts through a volume")
+    p.add_argument("image", help="volume: NIfTI, NRRD, MHA, ... or a DICOM series folder")
+    p.add_argument("-o", "--output", required=True, help="output mask: .nii.gz, .nii, .nrrd, .mha or .seg.nrrd")
+    p.add_argument("--prompt-mask", help="label volume on the image's grid: every slice with the label is a drawn slice")
+    p.add_argument("--label", type=int, help="label value in --prompt-mask (default: any non-zero)")
+    p.add_argument("--click", action="append", metavar="I,J,K[,neg]", help="a point in voxel indices; repeatable")
+    p.add_argument("--box", action="append", metavar="A0,B0,A1,B1,S",
+                   help="a box: corners in the two in-plane axes (i,j for axis k) and the slice index; repeatable")
+    p.add_argument("--scribble", help="label volume of strokes: 1 foreground, 2 background")
+    p.add_argument("--axis", default="k", help="slice axis: i, j or k (default k)")
+    p.add_argument("--direction", default="both", choices=["both", "forward", "backward"])
+    p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu or cuda")
+    p.add_argument("--model", default=None, help="checkpoint name from weights_manifest.json or a file path")
+    p.add_argument("--ssim-threshold", type=float, default=None, help="re-prompt when SSIM drops below this")
+    p.add_argument("--no-reprompt", action="store_true", help="disable SSIM-triggered re-prompting")
+    p.add_argument("--max-templates", type=int, default=None, help="templates per step (K)")
+    p.add_argument("--no-stop", action="store_true", help="do not stop where the object ends (ablation)")
+    p.add_argument("--preview", help="write a PNG montage of the result")
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.set_defaults(func=cmd_propagate)
+    d = sub.add_parser("demo", help="run the whole path on a generated volume and print Dice")
+    d.add_argument("--out", default="demo_output")
+    d.add_argument("--device", default="auto")
+    d.add_argument("--model", default=None)
+    d.set_defaults(func=cmd_demo)
+    b = sub.add_parser("bench", help="the project's benchmark on a folder of <case>_img/_lbl.nii.gz volumes")
+    from .bench import add_arguments, add_speed_arguments
+    add_arguments(b)
+    add_speed_arguments(sub.add_parser("speed", help="time per slice and peak memory on a generated volume"))
+    m = sub.add_parser("models", help="list the checkpoints in weights_manifest.json")
+    m.set_defaults(func=cmd_models)
+    return ap
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    ap = make_parser()
+    args = ap.parse_args(argv)
+    warnings.simplefilter("default", DeviceFallbackWarning)
+    warnings.formatwarning = lambda msg, cat, *a, **k: f"onepromptseg: warning: {msg}\n"
+    try:
+        return args.func(args)
+    except (UsageError, PromptError, VolumeIOError, CheckpointError) as e:
+        print(f"onepromptseg: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\nonepromptseg: cancelled; no output written", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,429 @@
+"""Slice propagation: a small session object in the spirit of SAM2's video predictor.
+
+    sess = PropagationSession(load_model(), EngineSettings())
+    sess.set_volume(array_kji, axis="k", spacing_ijk=(0.8, 0.8, 2.0))
+    sess.add_prompt(MaskPrompt(30, mask2d))          # or Click / BBox / Doodle: segmented in interactive mode
+    for r in sess.propagate():                        # a generator: show progress, stop iterating to cancel
+        ...
+    sess.correct(41, fixed_mask2d)                    # a locked anchor; the next propagate() redoes only its range
+    mask = sess.result
+
+How a slice is predicted (Prompt U-Net's propagation with One-Prompt's model):
+* every prompted or corrected slice is a **locked anchor**, never overwritten;
+* from each anchor the engine walks outwards; each step is prompted by the previous slice's **binarised**
+  prediction (soft masks drift) plus up to K-1 more templates from the nearest anchors and trusted slices
+  (growing context);
+* **self-supervised re-prompting**: the SSIM of the (blurred) current slice against the slice its prompt came from
+  is compared with a threshold calibrated on real data; when it drops below (an abrupt change) the prompt is
+  replaced by the most similar trusted slice from the buffer of earlier predictions; no prompt is used that is more
+  than ``max_prompt_distance`` slices away;
+* a direction **stops** after ``stop_after_empty`` consecutive empty or low-quality slices, so masks do not leak;
+* between two anchors the walks from both sides alternate and **meet**: the meeting slice is predicted from both
+  sides' neighbours at once (fused), not overwritten by whichever came last;
+* crops are square in mm around the prompt's object, resampled to the model's size and pasted back; only crops are
+  ever converted to float.
+"""
+from __future__ import annotations
+
+import itertools
+import warnings
+from dataclasses import dataclass
+from typing import Dict, Iterator, List, Optional, Sequence, Set, Tuple
+
+import numpy as np
+from scipy import ndimage as ndi
+
+from .checkpoints import LoadedModel
+from .crops import CropBox, crop_around, extract, paste
+from .io import normalize, robust_range
+from .prompts import (KIND_INDEX, AxisLike, BBox, Click, Doodle, MaskPrompt, Prompt, PromptError, ijk_axis,
+                      numpy_axis, prompt_points, render_prompt_maps, validate)
+from .ssim import blurred_ssim
+
+
+@dataclass
+class EngineSettings:
+    """Propagation settings.  Defaults were calibrated on ../shared/data/train (see docs/BENCHMARKS.md)."""
+
+    ssim_threshold: float = 0.5  #: re-prompt when SSIM(current slice, prompt's slice) falls below this
+    reprompt: bool = True  #: SSIM-triggered re-prompting from buffered predictions
+    max_prompt_distance: int = 12  #: never prompt from a slice further away than this
+    max_templates: int = 3  #: K: templates per step (previous slice + nearest anchors / trusted slices)
+    stop_after_empty: int = 2  #: stop a direction after this many consecutive empty / low-quality slices
+    min_quality: float = 0.35  #: predicted quality below this counts as "object ended"
+    threshold: float = 0.5  #: probability threshold of the binary mask
+    margin: float = 0.6  #: crop margin on each side, as a fraction of the object's extent
+    min_area_px: int = 3  #: a prediction smaller than this (pixels) counts as empty
+    ssim_sigma: float = 1.0  #: blur (pixels at the model's input size) before SSIM
+
+
+@dataclass
+class SliceResult:
+    """One propagated slice, as yielded by ``propagate``."""
+
+    slice_index: int
+    mask: np.ndarray
+    quality: float
+    reprompted: bool
+    done: int
+    total: int
+    source: int  #: slice the main prompt came from
+
+
+@dataclass
+class _Reference:
+    """A prompted slice of another volume (One-Prompt's template from another patient)."""
+
+    image: np.ndarray  # normalised 2D slice
+    mask: np.ndarray
+    spacing: Tuple[float, float]
+
+
+_SESSION_IDS = itertools.count()
+
+
+class PropagationSession:
+    """Holds one volume, its anchors and the propagated result; see the module docstring."""
+
+    def __init__(self, model: LoadedModel, settings: Optional[EngineSettings] = None):
+        self.model = model
+        self._uid = next(_SESSION_IDS)
+        self.settings = settings or EngineSettings()
+        self.volume: Optional[np.ndarray] = None
+        self.anchors: Dict[int, np.ndarray] = {}
+        self.quality: Dict[int, float] = {}
+        self._valid: Set[int] = set()
+        self._references: List[_Reference] = []
+        self.result: Optional[np.ndarray] = None
+
+    # ------------------------------------------------------------------------------------------ set-up
+    def set_volume(self, volume: np.ndarray, axis: AxisLike = "k",
+                   spacing_ijk: Sequence[float] = (1.0, 1.0, 1.0)) -> None:
+        """Use ``volume`` (k, j, i), slicing along IJK ``axis``.  The array is referenced, not copied."""
+        if volume.ndim != 3:
+            raise PromptError(f"the volume must be 3D (got shape {volume.shape})")
+        if min(volume.shape) < 1:
+            raise PromptError(f"the volume is empty (shape {volume.shape})")
+        self.volume = volume
+        self.axis = ijk_axis(axis)
+        self.naxis = numpy_axis(axis)
+        sp_kji = [float(s) for s in spacing_ijk][::-1]
+        self.spacing = tuple(s for d, s in enumerate(sp_kji) if d != self.naxis)
+        self.n = volume.shape[self.naxis]
+        self.lo, self.hi = robust_range(volume)
+        self.anchors, self.quality, self._valid = {}, {}, set()
+        self.result = np.zeros(volume.shape, np.uint8)
+        self._norm_cache: Dict[Tuple[int, CropBox], np.ndarray] = {}
+
+    def _slice(self, s: int) -> np.ndarray:
+        return np.take(self.volume, s, axis=self.naxis)
+
+    def _result_slice(self, s: int) -> np.ndarray:
+        idx = [slice(None)] * 3
+        idx[self.naxis] = s
+        return self.result[tuple(idx)]
+
+    def _set_result(self, s: int, mask: np.ndarray) -> None:
+        idx = [slice(None)] * 3
+        idx[self.naxis] = s
+        self.result[tuple(idx)] = mask
+
+    def _crop(self, s: int, box: CropBox) -> np.ndarray:
+        key = (s, box)
+        c = self._norm_cache.get(key)
+        if c is None:
+            if len(self._norm_cache) > 64:
+                self._norm_cache.clear()
+            c = normalize(extract(self._slice(s), box, self.model.size), self.lo, self.hi)
+            self._norm_cache[key] = c
+        return c
+
+    def _need_volume(self) -> None:
+        if self.volume is None:
+            raise PromptError("no volume set: call set_volume() first")
+
+    # ------------------------------------------------------------------------------------------ prompts
+    def add_prompt(self, prompt: Prompt) -> np.ndarray:
+        """Add a prompt; its slice becomes a locked anchor.  Returns the slice's mask.
+
+        Click, box and doodle prompts are segmented in interactive mode (template == query) first.
+        """
+        self._need_volume()
+        validate(prompt, self.volume.shape, self.axis)
+        s = int(prompt.slice_index)
+        if isinstance(prompt, MaskPrompt):
+            mask = np.asarray(prompt.mask, bool)
+        else:
+            mask = self.segment_slice(prompt)
+            if not mask.any():
+                raise PromptError(f"the {prompt.kind} prompt on slice {s} found no structure: place it on the "
+                                  "structure, or draw a mask on this slice instead")
+        self._lock(s, mask)
+        return mask
+
+    def correct(self, slice_index: int, mask: np.ndarray) -> None:
+        """A user-corrected slice: it becomes a locked anchor and its range is recomputed on the next propagate()."""
+        self._need_volume()
+        validate(MaskPrompt(int(slice_index), mask), self.volume.shape, self.axis)
+        self._lock(int(slice_index), np.asarray(mask, bool))
+
+    def remove_anchor(self, slice_index: int) -> None:
+        """Unlock a slice; its range is recomputed on the next propagate()."""
+        if slice_index in self.anchors:
+            del self.anchors[slice_index]
+            self._invalidate_around(slice_index)
+
+    def _lock(self, s: int, mask: np.ndarray) -> None:
+        self.anchors[s] = mask.copy()
+        self._set_result(s, mask)
+        self.quality[s] = 1.0
+        self._invalidate_around(s)
+        self._valid.add(s)
+
+    def _invalidate_around(self, s: int) -> None:
+        """Slices between the neighbouring anchors of ``s`` must be recomputed."""
+        lower = [a for a in self.anchors if a < s]
+        upper = [a for a in self.anchors if a > s]
+        lo = max(lower) + 1 if lower else 0
+        hi = min(upper) - 1 if upper else self.n - 1
+        for k in range(lo, hi + 1):
+            if k not in self.anchors:
+                self._valid.discard(k)
+
+    def add_reference(self, volume: np.ndarray, prompt: Prompt, axis: AxisLike = "k",
+                      spacing_ijk: Sequence[float] = (1.0, 1.0, 1.0)) -> np.ndarray:
+        """One-Prompt mode: a prompted slice of another volume (template patient) used to seed this one.
+
+        Returns the reference slice's mask (click/box/doodle are segmented on the reference first).
+        """
+        ref = PropagationSession(self.model, self.settings)
+        ref.set_volume(volume, axis, spacing_ijk)
+        mask = ref.add_prompt(prompt)
+        full = ref._slice(int(prompt.slice_index))
+        img = normalize(full.astype(np.float32, copy=False), ref.lo, ref.hi)
+        self._references.append(_Reference(img, mask, ref.spacing))
+        return mask
+
+    # ------------------------------------------------------------------------------------------ one slice
+    def segment_slice(self, prompt: Prompt) -> np.ndarray:
+        """Interactive mode: the prompt's own slice is template and query.  Returns a full-slice bool mask."""
+        self._need_volume()
+        validate(prompt, self.volume.shape, self.axis)
+        s = int(prompt.slice_index)
+        shape = self._slice(s).shape
+        pts = prompt_points(prompt)
+        if isinstance(prompt, BBox):
+            box = crop_around(None, shape, self.spacing, margin=0.3, points=pts)
+        else:
+            # Clicks and strokes say where, not how big: look at a wide area first, then refine around the result.
+            ext = max(shape[0] * self.spacing[0], shape[1] * self.spacing[1])
+            box = crop_around(None, shape, self.spacing, margin=0.0, points=pts, min_mm=max(ext * 0.5, 48.0))
+        mask = self._predict_interactive(prompt, s, box)
+        if not isinstance(prompt, BBox) and mask.any():
+            mask = self._predict_interactive(prompt, s, crop_around(mask, shape, self.spacing, self.settings.margin))
+        return mask
+
+    def _predict_interactive(self, prompt: Prompt, s: int, box: CropBox) -> np.ndarray:
+        img = self._crop(s, box)
+        pm = render_prompt_maps(prompt, box, self.model.size)
+        prob, _ = self.model.predict(img, [img], [pm], [KIND_INDEX[prompt.kind]])
+        return self._paste(prob, box, self._slice(s).shape)
+
+    def _paste(self, prob: np.ndarray, box: CropBox, shape: Tuple[int, int]) -> np.ndarray:
+        vals, (rs, cs) = paste(prob, box, shape)
+        out = np.zeros(shape, bool)
+        out[rs, cs] = vals > self.settings.threshold
+        if out.sum() < self.settings.min_area_px:
+            out[:] = False
+        return out
+
+    # ------------------------------------------------------------------------------------------ propagation
+    def propagate(self, direction: str = "both", slice_range: Optional[Tuple[int, int]] = None
+                  ) -> Iterator[SliceResult]:
+        """Propagate from the anchors; yields each slice as it is done.  Stop iterating to cancel.
+
+        ``direction``: 'both', 'forward' (increasing index) or 'backward'.  ``slice_range`` (lo, hi), inclusive,
+        limits the slices written.  Slices already computed since the last change are not recomputed.
+        """
+        self._need_volume()
+        if direction not in ("both", "forward", "backward"):
+            raise PromptError(f"direction must be both, forward or backward (got {direction!r})")
+        lo, hi = (0, self.n - 1) if slice_range is None else (max(0, int(slice_range[0])),
+                                                            min(self.n - 1, int(slice_range[1])))
+        if lo > hi:
+            raise PromptError(f"slice range {slice_range} is empty (volume has slices 0..{self.n - 1})")
+        if not self.anchors:
+            if not self._references:
+                raise PromptError("no prompt yet: add a click, box, scribble or mask on one slice first")
+            self._seed_from_references(lo, hi)
+        plan = self._plan(direction, lo, hi)
+        total = sum(len(p[2]) for p in plan)
+        done = 0
+        for kind, start, slices, other in plan:
+            for r in self._walk(kind, start, slices, other):
+                done += 1
+                r.done, r.total = done, total
+                yield r
+
+    def _plan(self, direction: str, lo: int, hi: int):
+        """Segments to (re)compute: (kind, start anchor, slices in order, anchor at the far end or None)."""
+        A = sorted(self.anchors)
+        plan = []
+        todo = lambda ks: [k for k in ks if lo <= k <= hi and k not in self._valid]  # noqa: E731
+        if direction in ("both", "backward"):
+            ks = todo(range(A[0] - 1, -1, -1))
+            if ks:
+                plan.append(("out", A[0], ks, None))
+        for a, b in zip(A[:-1], A[1:]):
+            gap = list(range(a + 1, b))
+            if not todo(gap):
+                continue
+            if direction == "both":
+                # Alternate from both ends so that the walks meet in the middle.
+                order = []
+                i, j = a + 1, b - 1
+                while i <= j:
+                    order.append(i)
+                    if j != i:
+                        order.append(j)
+                    i, j = i + 1, j - 1
+                plan.append(("gap", a, [k for k in order if lo <= k <= hi], b))
+            elif direction == "forward":
+                plan.append(("out", a, [k for k in gap if lo <= k <= hi], b))
+            else:
+                plan.append(("out", b, [k for k in gap[::-1] if lo <= k <= hi], a))
+        if direction in ("both", "forward"):
+            ks = todo(range(A[-1] + 1, self.n))
+            if ks:
+                plan.append(("out", A[-1], ks, None))
+        return plan
+
+    def _walk(self, kind: str, start: int, slices: List[int], far: Optional[int]) -> Iterator[SliceResult]:
+        st = self.settings
+        masks: Dict[int, np.ndarray] = {start: self.anchors[start]}
+        if far is not None:
+            masks[far] = self.anchors[far]
+        stopped: Dict[int, bool] = {1: False, -1: False}
+        empties: Dict[int, int] = {1: 0, -1: 0}
+        boxes: Dict[int, Optional[CropBox]] = {1: None, -1: None}
+        for s in slices:
+            side = 1 if kind == "out" and s > start else -1 if kind == "out" else (1 if s - start <= far - s else -1)
+            # In a gap, side +1 walks up from ``start`` and -1 walks down from ``far``.
+            if kind == "gap":
+                prev = s - 1 if side == 1 else s + 1
+            else:
+                prev = s - 1 if s > start else s + 1
+            if stopped[side]:
+                self._store(s, np.zeros(self._slice(s).shape, bool), 0.0)
+                yield SliceResult(s, self._result_slice(s).astype(bool), 0.0, False, 0, 0, -1)
+                continue
+            mask, q, src, rep, boxes[side] = self._step(s, prev, masks,
+                                                        kind == "gap" and abs((far - s) - (s - start)) <= 1,
+                                                        boxes[side])
+            empty = not mask.any() or q < st.min_quality
+            empties[side] = empties[side] + 1 if empty else 0
+            if empty:
+                mask = np.zeros_like(mask)
+            else:
+                masks[s] = mask
+            self._store(s, mask, q)
+            if empties[side] >= st.stop_after_empty:
+                stopped[side] = True
+            yield SliceResult(s, mask, q, rep, 0, 0, src)
+
+    def _store(self, s: int, mask: np.ndarray, q: float) -> None:
+        if s in self.anchors:  # never overwrite a locked slice
+            return
+        self._set_result(s, mask)
+        self.quality[s] = q
+        self._valid.add(s)
+
+    def _box_for(self, mask: np.ndarray, previous: Optional[CropBox]) -> CropBox:
+        """The crop for a prompt mask; the previous step's crop is kept while it still fits (within 10-25%).
+
+        Keeping the crop steady lets a slice's encoder features, computed when it was the query, be reused when it
+        is a template, and avoids jitter.
+        """
+        fresh = crop_around(mask, mask.shape, self.spacing, self.settings.margin)
+        if previous is not None and 0.8 * fresh.h <= previous.h <= 1.25 * fresh.h:
+            dr = abs((fresh.r0 + fresh.h / 2) - (previous.r0 + previous.h / 2))
+            dc = abs((fresh.c0 + fresh.w / 2) - (previous.c0 + previous.w / 2))
+            if dr <= 0.1 * previous.h and dc <= 0.1 * previous.w:
+                return previous
+        return fresh
+
+    def _step(self, s: int, prev: int, masks: Dict[int, np.ndarray], meeting: bool,
+              prev_box: Optional[CropBox]) -> Tuple[np.ndarray, float, int, bool, Optional[CropBox]]:
+        """Predict slice ``s``; returns (mask, quality, source slice, re-prompted, crop used)."""
+        st = self.settings
+        shape = self._slice(s).shape
+        # The main prompt: the nearest non-empty prediction on this side (prev, or further back after empties).
+        src = prev
+        step = prev - s
+        while src not in masks and abs(src - s) <= st.max_prompt_distance and 0 <= src < self.n:
+            src += step
+        if src not in masks:
+            return np.zeros(shape, bool), 0.0, -1, False, prev_box
+        box = self._box_for(masks[src], prev_box)
+        reprompted = False
+        cand = [k for k in masks if k != src and abs(k - s) <= st.max_prompt_distance and masks[k].any()]
+        if st.reprompt and cand:
+            sim_src = blurred_ssim(self._crop(s, box), self._crop(src, box), st.ssim_sigma)
+            if sim_src < st.ssim_threshold:
+                sims = {k: blurred_ssim(self._crop(s, box), self._crop(k, box), st.ssim_sigma) for k in cand}
+                best = max(sims, key=sims.get)
+                if sims[best] > sim_src:
+                    src, reprompted = best, True
+                    box = self._box_for(masks[src], None)
+        templates = [src]
+        # Growing context: the meeting slice of a gap sees both sides; then anchors; then nearest trusted slices.
+        extra = []
+        if meeting:
+            other = s + 1 if src < s else s - 1
+            if other in masks:
+                extra.append(other)
+        extra += sorted((k for k in self.anchors if k in masks), key=lambda k: abs(k - s))
+        extra += sorted(cand, key=lambda k: abs(k - s))
+        for k in extra:
+            if len(templates) >= st.max_templates:
+                break
+            if k not in templates and abs(k - s) <= st.max_prompt_distance and masks[k].any():
+                templates.append(k)
+        imgs = [self._crop(k, box) for k in templates]
+        pms = [render_prompt_maps(MaskPrompt(k, masks[k]), box, self.model.size) for k in templates]
+        keys = [(self._uid, k, box) for k in [s] + templates]
+        prob, q = self.model.predict(self._crop(s, box), imgs, pms, [KIND_INDEX["mask"]] * len(templates), keys=keys)
+        return self._paste(prob, box, shape), q, src, reprompted, box
+
+    def _seed_from_references(self, lo: int, hi: int) -> None:
+        """One-Prompt mode without an anchor: find the slice the references match best and make it the seed."""
+        S = self.model.size
+        best = (-1.0, None, None)
+        ref_inputs = []
+        for ref in self._references:
+            rbox = crop_around(ref.mask, ref.image.shape, ref.spacing, self.settings.margin * 2)
+            ref_inputs.append((rbox, extract(ref.image, rbox, S),
+                               render_prompt_maps(MaskPrompt(0, ref.mask), rbox, S)))
+        step = max(1, (hi - lo + 1) // 48)  # scan at most ~48 slices, then refine around the best
+        for s in range(lo, hi + 1, step):
+            shape = self._slice(s).shape
+            for rbox, rimg, rpm in ref_inputs:
+                # Same relative position and the same field of view in mm as on the reference.
+                ref_shape = self._references[0].image.shape
+                fr, fc = rbox.r0 / ref_shape[0], rbox.c0 / ref_shape[1]
+                hmm = rbox.h * self._references[0].spacing[0]
+                box = CropBox(fr * shape[0], fc * shape[1], hmm / self.spacing[0], hmm / self.spacing[1])
+                prob, q = self.model.predict(self._crop(s, box), [rimg], [rpm], [KIND_INDEX["mask"]])
+                score = q * float((prob > self.settings.threshold).mean() > 0)
+                if score > best[0]:
+                    best = (score, s, self._paste(prob, box, shape))
+        if best[1] is None or not best[2].any():
+            raise PromptError("the template from the other volume matched nothing in this volume; "
+                              "prompt one slice of this volume instead")
+        s, mask = best[1], best[2]
+        # The seed is the model's guess, not the user's: it is an anchor for propagation but not "drawn".
+        self.anchors[s] = mask
+        self._set_result(s, mask)
+        self.quality[s] = best[0]
+        self._valid.add(s)
+        warnings.warn(f"One-Prompt mode: seeded from slice {s} (quality {best[0]:.2f})")

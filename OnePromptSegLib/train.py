@@ -1,0 +1,416 @@
+"""Training for OnePromptNet: seeded, logged, resumable, and it writes the manifest entry of what it ships.
+
+    python -m OnePromptSegLib.train --out runs/v1 --steps 4000 [--data ../shared/data/train] [--minutes 60]
+    python -m OnePromptSegLib.train --export runs/v1 --name onepromptseg-v1 [--default]
+
+Tasks come from two sources mixed per batch: synthetic volumes (``synth.random_volume``, regenerated as training
+goes) and, when ``--data`` is given, real labelled volumes (every label, and unions of neighbouring labels, along
+every axis with enough slices).  A pair is a template slice with a simulated prompt of one of the four kinds and a
+query slice 0..12 slices away (0 = interactive mode, template == query), cropped exactly as the engine crops:
+around the template's object, square in mm.  Some pairs get extra templates (growing context), some a deformed,
+re-contrasted query (template from "another patient"), and some an empty target so the model learns to stop.
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import math
+import os
+import random
+import shlex
+import sys
+import time
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy import ndimage as ndi
+
+from .crops import CropBox, crop_around, extract
+from .model import ModelConfig, OnePromptNet, count_parameters
+from .prompts import KIND_INDEX, BBox, Click, Doodle, MaskPrompt, render_prompt_maps
+from .synth import random_volume
+
+
+@dataclass
+class TaskVolume:
+    """One training volume along one axis: image (D,H,W) uint8-quantised [0,1], labels, in-plane spacing."""
+
+    image: np.ndarray
+    labels: np.ndarray
+    spacing: Tuple[float, float]
+    label_sets: List[Tuple[int, ...]]
+    name: str
+
+
+def _orient(img: np.ndarray, lab: np.ndarray, spacing_kji: Tuple[float, float, float], axis: int):
+    """Move numpy ``axis`` first; returns image, labels and the in-plane spacing."""
+    sp = [s for d, s in enumerate(spacing_kji) if d != axis]
+    return np.moveaxis(img, axis, 0), np.moveaxis(lab, axis, 0), (sp[0], sp[1])
+
+
+def label_sets_for(lab: np.ndarray, min_slices: int = 3, min_vox: int = 60, max_labels: int = 24) -> List[Tuple[int, ...]]:
+    """Single labels with enough extent along axis 0, plus a few unions of two labels that touch."""
+    ids, counts = np.unique(lab[lab > 0], return_counts=True)
+    order = [int(i) for i, c in sorted(zip(ids, counts), key=lambda t: -t[1]) if c >= min_vox]
+    sets: List[Tuple[int, ...]] = []
+    for i in order[:max_labels]:
+        if ((lab == i).any(axis=(1, 2))).sum() >= min_slices:
+            sets.append((i,))
+    for a, b in zip(order[:6], order[1:7]):
+        sets.append((a, b))
+    return sets
+
+
+def load_real_volumes(data_dir: str) -> List[TaskVolume]:
+    """Every <case>_img.nii.gz + _lbl.nii.gz under data_dir, normalised per volume, along each usable axis."""
+    import SimpleITK as sitk
+
+    from .io import normalize, robust_range
+
+    out = []
+    for ip in sorted(glob.glob(os.path.join(data_dir, "**", "*_img.nii.gz"), recursive=True)):
+        lp = ip.replace("_img.nii.gz", "_lbl.nii.gz")
+        if not os.path.exists(lp):
+            continue
+        im = sitk.ReadImage(ip)
+        arr = sitk.GetArrayFromImage(im)
+        lab = sitk.GetArrayFromImage(sitk.ReadImage(lp)).astype(np.int32)
+        lo, hi = robust_range(arr)
+        q = (normalize(arr, lo, hi) * 255).astype(np.uint8)
+        sp_kji = tuple(float(s) for s in im.GetSpacing()[::-1])
+        name = os.path.relpath(ip, data_dir)
+        axes = [0]
+        # Isotropic-enough volumes with depth along every axis also give tasks along j and i.
+        if max(sp_kji) / min(sp_kji) < 1.6 and min(arr.shape) >= 40:
+            axes = [0, 1, 2]
+        for ax in axes:
+            a_img, a_lab, sp = _orient(q, lab, sp_kji, ax)
+            sets = label_sets_for(a_lab)
+            if sets:
+                out.append(TaskVolume(np.ascontiguousarray(a_img), np.ascontiguousarray(a_lab), sp, sets,
+                                      f"{name}:{'kji'[ax]}"))
+    return out
+
+
+def synth_volume(rng: np.random.Generator) -> TaskVolume:
+    img, lab = random_volume(rng)
+    sets = label_sets_for(lab.astype(np.int32), min_vox=40)
+    return TaskVolume((img * 255).astype(np.uint8), lab.astype(np.int32), (1.0, 1.0), sets, "synth")
+
+
+# ------------------------------------------------------------------------------------------------ prompt simulation
+
+def simulate_prompt(rng: np.random.Generator, mask: np.ndarray, kind: str, s: int):
+    """A user-like prompt of ``kind`` on slice ``s`` for the 2D object ``mask``."""
+    if kind == "mask":
+        m = mask.copy()
+        r = rng.random()
+        if r < 0.2:
+            m = ndi.binary_erosion(m, iterations=1) if m.sum() > 30 else m
+        elif r < 0.4:
+            m = ndi.binary_dilation(m, iterations=1)
+        if rng.random() < 0.1 and m.sum() > 40:  # drop a chunk of the prompt's foreground
+            rr, cc = np.nonzero(m)
+            i = rng.integers(len(rr))
+            rad = max(2, int(math.sqrt(m.sum()) * rng.uniform(0.1, 0.3)))
+            yy, xx = np.ogrid[:m.shape[0], :m.shape[1]]
+            m &= (yy - rr[i]) ** 2 + (xx - cc[i]) ** 2 > rad ** 2
+        return MaskPrompt(s, m if m.any() else mask)
+    rr, cc = np.nonzero(mask)
+    if kind == "box":
+        r0, r1, c0, c1 = rr.min(), rr.max(), cc.min(), cc.max()
+        h, w = r1 - r0 + 1, c1 - c0 + 1
+        j = rng.uniform(-0.1, 0.1, 4) * np.array([h, h, w, w])
+        r0, r1 = np.clip([r0 + j[0], r1 + j[1]], 0, mask.shape[0] - 1)
+        c0, c1 = np.clip([c0 + j[2], c1 + j[3]], 0, mask.shape[1] - 1)
+        if r1 - r0 < 1 or c1 - c0 < 1:
+            r0, r1, c0, c1 = rr.min(), rr.max() + 1, cc.min(), cc.max() + 1
+        return BBox(s, float(r0), float(c0), float(min(r1, mask.shape[0] - 1)), float(min(c1, mask.shape[1] - 1)))
+    if kind == "click":
+        inner = ndi.distance_transform_edt(mask)
+        npos = int(rng.integers(1, 4))
+        # Users click near the middle: sample proportional to the distance from the border.
+        p = inner[rr, cc] ** 2
+        p = p / p.sum()
+        idx = rng.choice(len(rr), size=min(npos, len(rr)), replace=False, p=p)
+        pts = [(float(rr[i]), float(cc[i])) for i in idx]
+        labels = [1] * len(pts)
+        nneg = int(rng.integers(0, 4))
+        if nneg:
+            ring = ndi.binary_dilation(mask, iterations=int(rng.integers(3, 12))) & ~mask
+            nr, nc = np.nonzero(ring)
+            if len(nr):
+                for i in rng.choice(len(nr), size=min(nneg, len(nr)), replace=False):
+                    pts.append((float(nr[i]), float(nc[i])))
+                    labels.append(0)
+        return Click(s, pts, labels)
+    # doodle: a thin broken skeleton inside, a stroke in a band outside
+    from skimage.morphology import skeletonize
+    sk = skeletonize(ndi.binary_erosion(mask, iterations=1) if mask.sum() > 40 else mask)
+    if not sk.any():
+        sk = mask.copy()
+    if rng.random() < 0.5:
+        sr, sc = np.nonzero(sk)
+        keep = rng.random(len(sr)) < rng.uniform(0.3, 1.0)
+        sk2 = np.zeros_like(sk)
+        sk2[sr[keep], sc[keep]] = True
+        sk = sk2 if sk2.any() else sk
+    bg = None
+    if rng.random() < 0.5:
+        band = ndi.binary_dilation(mask, iterations=int(rng.integers(3, 8)))
+        bg = (band ^ ndi.binary_erosion(band)) & ~mask  # a 1-px contour around the object
+        if rng.random() < 0.5:  # partial stroke
+            br, bc = np.nonzero(bg)
+            if len(br):
+                ang = np.arctan2(br - br.mean(), bc - bc.mean())
+                a0 = rng.uniform(-np.pi, np.pi)
+                keep = np.cos(ang - a0) > 0
+                bg = np.zeros_like(bg)
+                bg[br[keep], bc[keep]] = True
+    return Doodle(s, sk, bg)
+
+
+def _crop_for(rng: np.random.Generator, mask2d: np.ndarray, shape, spacing, loose: bool) -> CropBox:
+    margin = rng.uniform(0.25, 1.0) if not loose else rng.uniform(0.5, 3.0)
+    b = crop_around(mask2d, shape, spacing, margin=margin)
+    jr, jc = rng.uniform(-0.1, 0.1, 2)
+    return CropBox(b.r0 + jr * b.h, b.c0 + jc * b.w, b.h, b.w)
+
+
+def _deform(rng: np.random.Generator, img: np.ndarray, tgt: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """Random affine + gamma on the query: the template comes from "another patient"."""
+    S = img.shape[0]
+    ang = rng.uniform(-0.35, 0.35)
+    sc = rng.uniform(0.8, 1.25, 2)
+    A = np.array([[math.cos(ang), -math.sin(ang)], [math.sin(ang), math.cos(ang)]]) @ np.diag(1 / sc)
+    c = np.array([S / 2, S / 2])
+    off = c - A @ c + rng.uniform(-0.08, 0.08, 2) * S
+    img = ndi.affine_transform(img, A, off, order=1, mode="constant")
+    tgt = ndi.affine_transform(tgt, A, off, order=1, mode="constant")
+    img = np.clip(img, 0, 1) ** rng.uniform(0.6, 1.6)
+    return img.astype(np.float32), (tgt > 0.5).astype(np.float32)
+
+
+def sample_pair(rng: np.random.Generator, tv: TaskVolume, size: int, max_extra: int = 2):
+    """One training example: query, templates, prompt maps, kinds, target (all at ``size``)."""
+    ls = tv.label_sets[rng.integers(len(tv.label_sets))]
+    D = tv.image.shape[0]
+    fg3 = np.isin(tv.labels, ls)
+    area = fg3.sum(axis=(1, 2)).astype(np.float64)
+    zs = np.flatnonzero(area > 0)
+    z = int(rng.choice(zs, p=np.sqrt(area[zs]) / np.sqrt(area[zs]).sum()))
+    shape = tv.image.shape[1:]
+    tmask = fg3[z]
+    interactive = rng.random() < 0.3
+    if interactive:
+        kind = ["click", "box", "doodle", "click"][rng.integers(4)]
+        qz = z
+    else:
+        kind = "mask" if rng.random() < 0.85 else ["click", "box", "doodle"][rng.integers(3)]
+        if rng.random() < 0.08 and (zs.min() > 0 or zs.max() < D - 1):
+            outside = [k for k in range(D) if area[k] == 0 and abs(k - z) <= 12]
+            qz = int(rng.choice(outside)) if outside else z
+        else:
+            w = np.array([1 / d ** 0.8 for d in range(1, 13)])
+            d = int(rng.choice(np.arange(1, 13), p=w / w.sum())) * (1 if rng.random() < 0.5 else -1)
+            qz = int(np.clip(z + d, 0, D - 1))
+            if qz == z:
+                qz = int(np.clip(z - d, 0, D - 1))
+    box = _crop_for(rng, tmask, shape, tv.spacing, loose=(kind == "click" and rng.random() < 0.5))
+    gamma = rng.uniform(0.7, 1.4)
+
+    def img_crop(k: int) -> np.ndarray:
+        return np.clip(extract(tv.image[k], box, size) / 255.0, 0, 1) ** gamma
+
+    templates, prompts, kinds = [img_crop(z)], [render_prompt_maps(simulate_prompt(rng, tmask, kind, z), box, size)], \
+        [KIND_INDEX[kind]]
+    if not interactive and rng.random() < 0.35:
+        for _ in range(int(rng.integers(1, max_extra + 1))):
+            ez = int(np.clip(z - np.sign(qz - z + 1e-9) * rng.integers(1, 10), 0, D - 1))
+            if area[ez] == 0:
+                continue
+            templates.append(img_crop(ez))
+            prompts.append(render_prompt_maps(MaskPrompt(ez, fg3[ez]), box, size))
+            kinds.append(KIND_INDEX["mask"])
+    q = img_crop(qz)
+    tgt = (extract(fg3[qz].astype(np.float32), box, size) > 0.5).astype(np.float32)
+    if not interactive and rng.random() < 0.15:
+        q, tgt = _deform(rng, q, tgt)
+    return q, np.stack(templates), np.stack(prompts), np.array(kinds), tgt
+
+
+def _augment(rng: np.random.Generator, arrs: List[np.ndarray]) -> List[np.ndarray]:
+    """The same flip/transpose on every array (last two axes)."""
+    k = int(rng.integers(4))
+    flip = rng.random() < 0.5
+    out = []
+    for a in arrs:
+        a = np.rot90(a, k, axes=(-2, -1))
+        if flip:
+            a = a[..., ::-1]
+        out.append(np.ascontiguousarray(a))
+    return out
+
+
+def make_batch(rng: np.random.Generator, sources: List[TaskVolume], batch: int, size: int):
+    qs, ts, ps, ks, ys = [], [], [], [], []
+    for _ in range(batch):
+        tv = sources[rng.integers(len(sources))]
+        q, t, p, k, y = sample_pair(rng, tv, size)
+        q, t, p, y = _augment(rng, [q, t, p, y])
+        qs.append(q); ts.append(t); ps.append(p); ks.append(k); ys.append(y)
+    K = max(len(k) for k in ks)
+    B = batch
+    T = np.zeros((B, K, 1, size, size), np.float32)
+    P = np.zeros((B, K, 4, size, size), np.float32)
+    Kd = np.zeros((B, K), np.int64)
+    V = np.zeros((B, K), bool)
+    for i in range(B):
+        n = len(ks[i])
+        T[i, :n, 0] = ts[i]; P[i, :n] = ps[i]; Kd[i, :n] = ks[i]; V[i, :n] = True
+    return (torch.from_numpy(np.stack(qs)[:, None]), torch.from_numpy(T), torch.from_numpy(P), torch.from_numpy(Kd),
+            torch.from_numpy(V), torch.from_numpy(np.stack(ys)[:, None]))
+
+
+def loss_fn(logits: torch.Tensor, quality: torch.Tensor, target: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """BCE + soft Dice on the mask; MSE of the quality head against the Dice actually reached."""
+    bce = F.binary_cross_entropy_with_logits(logits, target)
+    p = torch.sigmoid(logits)
+    inter = (p * target).flatten(1).sum(1)
+    den = p.flatten(1).sum(1) + target.flatten(1).sum(1)
+    soft = 1 - (2 * inter + 1) / (den + 1)
+    with torch.no_grad():
+        hard = (p > 0.5).float()
+        hi = (hard * target).flatten(1).sum(1)
+        hd = hard.flatten(1).sum(1) + target.flatten(1).sum(1)
+        dice = torch.where(hd > 0, 2 * hi / hd.clamp_min(1), torch.ones_like(hd))
+    q = F.mse_loss(quality, dice)
+    return bce + soft.mean() + 0.5 * q, dice.mean()
+
+
+def train(args: argparse.Namespace) -> None:
+    os.makedirs(args.out, exist_ok=True)
+    torch.set_num_threads(args.threads)
+    ckpt = os.path.join(args.out, "last.pt")
+    cfg = ModelConfig(size=args.size)
+    model = OnePromptNet(cfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)
+    step = 0
+    rng = np.random.default_rng(args.seed)
+    torch.manual_seed(args.seed)
+    random.seed(args.seed)
+    if os.path.exists(ckpt):
+        st = torch.load(ckpt, map_location="cpu", weights_only=False)  # our own resume file, not a shipped weight
+        step = st["step"]
+        own = model.state_dict()
+        if set(st["model"]) == set(own):
+            model.load_state_dict(st["model"])
+            opt.load_state_dict(st["opt"])
+        else:  # the architecture lost unused parameters since this run started: keep the weights, reset AdamW
+            model.load_state_dict({k: v for k, v in st["model"].items() if k in own})
+            print("resumed weights only (optimizer state reset: parameter set changed)", flush=True)
+        rng = np.random.default_rng([args.seed, step])
+        torch.manual_seed(args.seed + step)
+        print(f"resumed from {ckpt} at step {step}", flush=True)
+    real = load_real_volumes(args.data) if args.data else []
+    print(f"{count_parameters(model)} parameters; {len(real)} real task volumes", flush=True)
+    synth = [synth_volume(rng) for _ in range(args.synth_pool)]
+    log = open(os.path.join(args.out, "log.jsonl"), "a")
+    json.dump(dict(event="start", step=step, args=vars(args), time=time.time()), log); log.write("\n")
+    t_start = time.time()
+    last_save = time.time()
+    model.train()
+    ema_loss = ema_dice = None
+    while step < args.steps:
+        if args.minutes and time.time() - t_start > args.minutes * 60:
+            break
+        if step % 25 == 0:  # refresh part of the synthetic pool: unlimited tasks
+            synth[rng.integers(len(synth))] = synth_volume(rng)
+        lr = args.lr * min(1.0, (step + 1) / 200) * (0.5 * (1 + math.cos(math.pi * min(step / args.steps, 1.0))))
+        for g in opt.param_groups:
+            g["lr"] = max(lr, args.lr * 0.02)
+        use_real = real and rng.random() < args.real_frac
+        q, T, P, Kd, V, y = make_batch(rng, real if use_real else synth, args.batch, args.size)
+        logits, qual = model(q, T, P, Kd, V)
+        loss, dice = loss_fn(logits, qual, y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        step += 1
+        ema_loss = loss.item() if ema_loss is None else 0.98 * ema_loss + 0.02 * loss.item()
+        ema_dice = dice.item() if ema_dice is None else 0.98 * ema_dice + 0.02 * dice.item()
+        if step % 20 == 0:
+            rec = dict(step=step, loss=round(ema_loss, 4), dice=round(ema_dice, 4), lr=round(lr, 6),
+                       elapsed=round(time.time() - t_start, 1))
+            json.dump(rec, log); log.write("\n"); log.flush()
+            print(json.dumps(rec), flush=True)
+        if time.time() - last_save > args.save_every or step == args.steps:
+            _save(model, opt, step, ckpt)
+            last_save = time.time()
+    _save(model, opt, step, ckpt)
+    json.dump(dict(event="end", step=step, time=time.time(), seconds=round(time.time() - t_start, 1)), log)
+    log.write("\n")
+    log.close()
+    print(f"saved {ckpt} at step {step}", flush=True)
+
+
+def _save(model, opt, step, path):
+    tmp = path + ".tmp"
+    torch.save(dict(model=model.state_dict(), opt=opt.state_dict(), step=step, config=model.config.to_dict()), tmp)
+    os.replace(tmp, path)
+
+
+def export(args: argparse.Namespace) -> None:
+    """Write the fp16 weights of a run under Resources/Models and its entry in weights_manifest.json."""
+    from .checkpoints import add_manifest_entry, save_weights
+
+    st = torch.load(os.path.join(args.export, "last.pt"), map_location="cpu", weights_only=False)
+    cfg = ModelConfig.from_dict(st["config"])
+    events = [json.loads(l) for l in open(os.path.join(args.export, "log.jsonl")) if l.strip()]
+    starts = [e for e in events if e.get("event") == "start"]
+    ends = [e for e in events if e.get("event") == "end"]
+    targs = starts[0]["args"] if starts else {}
+    cmd = "python -m OnePromptSegLib.train " + " ".join(
+        f"--{k.replace('_', '-')} {shlex.quote(str(v))}" for k, v in targs.items()
+        if k not in ("export", "name", "default", "machine") and v not in (None, ""))
+    own = OnePromptNet(cfg).state_dict()
+    path = save_weights({k: v for k, v in st["model"].items() if k in own}, cfg, args.name)
+    add_manifest_entry(args.name, path, cfg, training=dict(
+        command=cmd, steps=st["step"], seconds=round(sum(e.get("seconds", 0) for e in ends), 1),
+        machine=args.machine, seed=targs.get("seed")), make_default=args.default)
+    print(f"exported {path}")
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m OnePromptSegLib.train", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="runs/v1", help="run folder: log.jsonl and last.pt (resumed if present)")
+    ap.add_argument("--data", default="", help="folder of <case>_img.nii.gz/_lbl.nii.gz training volumes")
+    ap.add_argument("--steps", type=int, default=4000)
+    ap.add_argument("--minutes", type=float, default=0, help="stop (and save) after this many minutes")
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--size", type=int, default=96)
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=max(1, min(8, os.cpu_count() or 1)))
+    ap.add_argument("--real-frac", type=float, default=0.6, help="fraction of batches from real volumes")
+    ap.add_argument("--synth-pool", type=int, default=24)
+    ap.add_argument("--save-every", type=float, default=120, help="seconds between resumable checkpoints")
+    ap.add_argument("--export", default="", help="export this run folder instead of training")
+    ap.add_argument("--name", default="onepromptseg-v1")
+    ap.add_argument("--machine", default="", help="recorded in the manifest, e.g. '2-core CPU'")
+    ap.add_argument("--default", action="store_true", help="make the exported checkpoint the default")
+    args = ap.parse_args(argv)
+    if args.export:
+        export(args)
+    else:
+        train(args)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,147 @@
+"""The ``onepromptseg`` command: real NIfTI files in, masks with the image's geometry out; bad input -> exit 2."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from OnePromptSegLib.bench import dice
+from OnePromptSegLib.cli import main
+
+DIRECTION = (0.0, -1.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 1.0)  # rotated 90 degrees about the slice axis
+ORIGIN = (-40.0, 12.5, 100.0)
+
+
+def _write(arr, path, spacing):
+    im = sitk.GetImageFromArray(arr)
+    im.SetSpacing(spacing)
+    im.SetDirection(DIRECTION)
+    im.SetOrigin(ORIGIN)
+    sitk.WriteImage(im, str(path))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory, demo):
+    img, truth, spacing = demo
+    d = tmp_path_factory.mktemp("cli")
+    k0 = int(truth.sum(axis=(1, 2)).argmax())
+    one = np.zeros_like(truth); one[k0] = truth[k0] * 3  # label 3 on the largest slice
+    zs = np.flatnonzero(truth.any(axis=(1, 2)))
+    several = np.zeros_like(truth)
+    for k in (zs.min() + 2, k0, zs.max() - 2):
+        several[k] = truth[k]
+    return dict(img=_write(img.astype(np.int16), d / "img.nii.gz", spacing), truth=truth, k0=k0, dir=d,
+                one=_write(one, d / "one.nii.gz", spacing), several=_write(several, d / "several.nii.gz", spacing),
+                spacing=spacing)
+
+
+def run(args, capsys):
+    code = main([str(a) for a in args])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_propagate_one_drawn_slice_keeps_geometry(files, capsys, tmp_path):
+    out = tmp_path / "out.nii.gz"
+    png = tmp_path / "preview.png"
+    code, _, err = run(["propagate", files["img"], "--prompt-mask", files["one"], "--label", 3, "-o", out,
+                        "--device", "cpu", "--preview", png], capsys)
+    assert code == 0, err
+    res = sitk.ReadImage(str(out))
+    ref = sitk.ReadImage(files["img"])
+    assert res.GetSize() == ref.GetSize()
+    assert np.allclose(res.GetSpacing(), ref.GetSpacing()) and np.allclose(res.GetOrigin(), ref.GetOrigin())
+    assert np.allclose(res.GetDirection(), ref.GetDirection())
+    assert dice(sitk.GetArrayFromImage(res), files["truth"]) >= 0.85
+    assert png.exists() and png.stat().st_size > 1000
+    assert "slices" in err  # the progress bar went to stderr
+
+
+def test_several_anchor_slices_and_seg_nrrd(files, capsys, tmp_path):
+    from OnePromptSegLib.io import read_segmentation_mask
+
+    out = tmp_path / "out.seg.nrrd"
+    code, _, err = run(["propagate", files["img"], "--prompt-mask", files["several"], "-o", out, "--device", "cpu",
+                        "-q"], capsys)
+    assert code == 0, err
+    m = read_segmentation_mask(str(out))
+    assert dice(m, files["truth"]) >= 0.88
+
+
+def test_click_box_and_scribble_prompts(files, capsys, tmp_path):
+    t, k0 = files["truth"], files["k0"]
+    rr, cc = np.nonzero(t[k0])
+    r, c = int(np.median(rr)), int(np.median(cc))
+    for extra in (["--click", f"{c},{r},{k0}"],
+                  ["--box", f"{cc.min()},{rr.min()},{cc.max()},{rr.max()},{k0}"]):
+        out = tmp_path / "o.nii.gz"
+        code, _, err = run(["propagate", files["img"], "-o", out, "--device", "cpu", "-q"] + extra, capsys)
+        assert code == 0, err
+        assert dice(sitk.GetArrayFromImage(sitk.ReadImage(str(out))), t) >= 0.7, extra
+    scrib = np.zeros_like(t)
+    scrib[k0, r - 3:r + 4, c] = 1
+    scrib[k0, max(rr.min() - 6, 0), cc.min():cc.max()] = 2
+    sp = _write(scrib, tmp_path / "scrib.nii.gz", files["spacing"])
+    out = tmp_path / "s.nii.gz"
+    code, _, err = run(["propagate", files["img"], "--scribble", sp, "-o", out, "--device", "cpu", "-q"], capsys)
+    assert code == 0, err
+    assert dice(sitk.GetArrayFromImage(sitk.ReadImage(str(out))), t) >= 0.6
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--click", "500,10,5"], "outside the slice"),
+    (["--click", "10,10"], "expected 3 or 4"),
+    (["--click", "10,10,5,maybe"], "'neg' or 'pos'"),
+    (["--box", "10,10,10,30,5"], "zero area"),
+    (["--box", "10,10,30"], "expected 5"),
+    ([], "no prompt given"),
+    (["--axis", "x", "--click", "1,1,1"], "axis must be"),
+    (["--click", "50,50,5", "--model", "no-such-model"], "no checkpoint named"),
+])
+def test_bad_input_exit_2_one_line_no_output(files, capsys, tmp_path, extra, message):
+    out = tmp_path / "bad.nii.gz"
+    code, _, err = run(["propagate", files["img"], "-o", out, "--device", "cpu", "-q"] + extra, capsys)
+    assert code == 2
+    lines = [l for l in err.strip().splitlines() if l]
+    assert len(lines) == 1 and lines[0].startswith("onepromptseg: error:") and message in lines[0], err
+    assert not out.exists()
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".")]  # no temporary leftovers
+
+
+def test_bad_files_exit_2(files, capsys, tmp_path):
+    out = tmp_path / "bad.nii.gz"
+    code, _, err = run(["propagate", tmp_path / "missing.nii.gz", "--click", "1,1,1", "-o", out], capsys)
+    assert code == 2 and "missing.nii.gz" in err and not out.exists()
+    wrong = _write(np.zeros((5, 6, 7), np.uint8), tmp_path / "wrong.nii.gz", (1.0, 1.0, 1.0))
+    code, _, err = run(["propagate", files["img"], "--prompt-mask", wrong, "-o", out], capsys)
+    assert code == 2 and "grid" in err and not out.exists()
+    code, _, err = run(["propagate", files["img"], "--prompt-mask", files["one"], "--label", 7, "-o", out], capsys)
+    assert code == 2 and "no voxels of label 7" in err and not out.exists()
+    empty = _write(np.zeros_like(files["truth"]), tmp_path / "empty.nii.gz", files["spacing"])
+    code, _, err = run(["propagate", files["img"], "--scribble", empty, "-o", out], capsys)
+    assert code == 2 and "no foreground strokes" in err
+    code, _, err = run(["propagate", files["img"], "--click", "1,1,1", "-o", tmp_path / "out.xyz"], capsys)
+    assert code == 2 and ".seg.nrrd" in err
+    code, _, err = run(["propagate", files["img"], "--click", "1,1,1", "-o", tmp_path / "nodir" / "o.nii.gz"], capsys)
+    assert code == 2 and "does not exist" in err
+
+
+def test_console_script_and_demo(tmp_path):
+    exe = os.path.join(os.path.dirname(sys.executable), "onepromptseg")
+    if not os.path.exists(exe):
+        pytest.skip("console script not installed (run through `make test`)")
+    r = subprocess.run([exe, "demo", "--out", str(tmp_path / "demo"), "--device", "cpu"], capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    d = float(r.stdout.split("Dice ")[1].split()[0])
+    assert d >= 0.85, r.stdout
+    for f in ("demo_image.nii.gz", "demo_mask.nii.gz", "demo_mask.seg.nrrd", "demo_preview.png"):
+        assert (tmp_path / "demo" / f).exists()
+    r = subprocess.run([exe, "propagate", "nothing.nii.gz", "--click", "1,1,1", "-o", str(tmp_path / "x.nii.gz")],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1

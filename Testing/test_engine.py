@@ -1,0 +1,194 @@
+"""The propagation engine: bookkeeping with an oracle predictor, then the real model on generated volumes."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import bright_object_volume
+
+from OnePromptSegLib.bench import dice
+from OnePromptSegLib.engine import EngineSettings, PropagationSession
+from OnePromptSegLib.prompts import BBox, Click, Doodle, MaskPrompt, PromptError
+
+
+def _session(model, img, settings=None, axis="k", spacing=(1.0, 1.0, 1.0)):
+    s = PropagationSession(model, settings or EngineSettings())
+    s.set_volume(img, axis, spacing)
+    return s
+
+
+# ---------------------------------------------------------------------------------------------- oracle: bookkeeping
+
+def test_propagates_both_ways_and_stops_at_object_end(oracle):
+    img, truth = bright_object_volume()
+    s = _session(oracle, img)
+    s.add_prompt(MaskPrompt(20, truth[20].astype(bool)))
+    results = list(s.propagate())
+    done = [r.slice_index for r in results]
+    assert min(done) < 8 and max(done) > 29  # walked down and up past both ends of the object
+    assert dice(s.result, truth) > 0.97
+    # The stop rule: after `stop_after_empty` empty slices a direction stops asking the model.
+    assert oracle.calls <= (30 - 8) + 2 * EngineSettings().stop_after_empty
+    assert not s.result[:7].any() and not s.result[31:].any()
+    assert results[-1].done == results[-1].total == len(results)
+
+
+def test_one_direction_only(oracle):
+    img, truth = bright_object_volume()
+    s = _session(oracle, img)
+    s.add_prompt(MaskPrompt(20, truth[20].astype(bool)))
+    list(s.propagate("forward"))
+    assert not s.result[:20].any() and s.result[21:30].any()
+
+
+def test_slice_range_limits_what_is_written(oracle):
+    img, truth = bright_object_volume()
+    s = _session(oracle, img)
+    s.add_prompt(MaskPrompt(20, truth[20].astype(bool)))
+    list(s.propagate(slice_range=(15, 25)))
+    assert s.result[15:26].any(axis=(1, 2)).all()
+    assert not s.result[:15].any() and not s.result[26:].any()
+
+
+def test_anchors_are_never_overwritten(oracle):
+    img, truth = bright_object_volume()
+    s = _session(oracle, img)
+    odd = np.zeros_like(truth[22], bool)
+    odd[5:9, 5:9] = True  # a "drawn" slice that disagrees with the image: it must survive
+    s.add_prompt(MaskPrompt(15, truth[15].astype(bool)))
+    s.add_prompt(MaskPrompt(22, odd))
+    for _ in s.propagate():
+        pass
+    assert np.array_equal(s.result[22].astype(bool), odd)
+    assert np.array_equal(s.result[15], truth[15])
+
+
+def test_cancel_keeps_earlier_slices_and_resumes(oracle):
+    img, truth = bright_object_volume()
+    s = _session(oracle, img)
+    s.add_prompt(MaskPrompt(20, truth[20].astype(bool)))
+    seen = []
+    for r in s.propagate():
+        seen.append(r.slice_index)
+        if len(seen) == 5:
+            break  # the user pressed Cancel
+    for k in seen:
+        assert dice(s.result[k], truth[k]) > 0.9
+    untouched = [k for k in range(40) if k not in seen and k != 20]
+    assert not s.result[untouched].any()
+    rest = [r.slice_index for r in s.propagate()]
+    assert not set(rest) & set(seen)  # what was done is not redone
+    assert dice(s.result, truth) > 0.97
+
+
+def test_two_anchors_meet_in_the_middle(oracle):
+    img, truth = bright_object_volume()
+    s = _session(oracle, img)
+    s.add_prompt(MaskPrompt(10, truth[10].astype(bool)))
+    s.add_prompt(MaskPrompt(26, truth[26].astype(bool)))
+    order = [r.slice_index for r in s.propagate() if 10 < r.slice_index < 26]
+    assert order[:4] == [11, 25, 12, 24]  # alternating from both ends
+    assert dice(s.result[10:27], truth[10:27]) > 0.97
+
+
+def test_correct_reruns_only_the_affected_range(oracle):
+    img, truth = bright_object_volume()
+    s = _session(oracle, img)
+    s.add_prompt(MaskPrompt(12, truth[12].astype(bool)))
+    s.add_prompt(MaskPrompt(24, truth[24].astype(bool)))
+    list(s.propagate())
+    fixed = truth[18].astype(bool)
+    s.correct(18, fixed)
+    redone = sorted(r.slice_index for r in s.propagate())
+    assert redone == [k for k in range(13, 24) if k != 18]
+    assert np.array_equal(s.result[18].astype(bool), fixed)
+    assert list(s.propagate()) == []  # nothing left to do
+
+
+def test_ssim_reprompt_fires_on_an_abrupt_change(oracle):
+    img, truth = bright_object_volume()
+    rng = np.random.default_rng(0)
+    img[21] = rng.uniform(0, 1, img[21].shape).astype(np.float32)  # a corrupt slice (artefact, motion)
+    s = _session(oracle, img, EngineSettings(ssim_threshold=0.5))
+    s.add_prompt(MaskPrompt(14, truth[14].astype(bool)))
+    res = {r.slice_index: r for r in s.propagate("forward")}
+    assert res[22].reprompted and res[22].source < 21  # prompted from a buffered slice, not the corrupt one
+    assert not any(r.reprompted for k, r in res.items() if k < 21)
+    s = _session(oracle, img, EngineSettings(ssim_threshold=0.5, reprompt=False))
+    s.add_prompt(MaskPrompt(14, truth[14].astype(bool)))
+    res = {r.slice_index: r for r in s.propagate("forward")}
+    assert not any(r.reprompted for r in res.values()) and res[22].source == 21
+
+
+def test_other_axes_and_anisotropic_spacing(oracle):
+    img, truth = bright_object_volume()
+    img_j = np.ascontiguousarray(np.swapaxes(img, 0, 1))  # object now runs along j
+    truth_j = np.swapaxes(truth, 0, 1)
+    s = _session(oracle, img_j, axis="j", spacing=(0.7, 1.0, 3.0))
+    s.add_prompt(MaskPrompt(20, truth_j[:, 20].astype(bool)))
+    list(s.propagate())
+    # Crops are square in mm, so the 0.7 mm axis is resampled 4x coarser than the 3 mm one: a little is lost.
+    assert dice(s.result, truth_j) > 0.92
+
+
+def test_errors_are_clear(oracle):
+    img, truth = bright_object_volume()
+    s = PropagationSession(oracle)
+    with pytest.raises(PromptError, match="set_volume"):
+        s.add_prompt(MaskPrompt(3, truth[3]))
+    s.set_volume(img, "k")
+    with pytest.raises(PromptError, match="no prompt"):
+        list(s.propagate())
+    with pytest.raises(PromptError, match="direction"):
+        list(s.propagate("sideways"))
+    with pytest.raises(PromptError, match="outside the volume"):
+        s.add_prompt(MaskPrompt(40, truth[3]))
+    with pytest.raises(PromptError, match="3D"):
+        s.set_volume(img[0], "k")
+
+
+# ---------------------------------------------------------------------------------------------- the real model
+
+def test_real_model_propagates_one_mask_prompt(model, demo):
+    img, truth, spacing = demo
+    k0 = int(truth.sum(axis=(1, 2)).argmax())
+    s = _session(model, img, spacing=spacing)
+    s.add_prompt(MaskPrompt(k0, truth[k0].astype(bool)))
+    res = list(s.propagate())
+    assert dice(s.result, truth) >= 0.85
+    zs = np.flatnonzero(truth.any(axis=(1, 2)))
+    # It stops where the object ends: nothing far beyond either end.
+    assert not s.result[: max(0, zs.min() - 3)].any() and not s.result[zs.max() + 4:].any()
+    assert all(0.0 <= r.quality <= 1.0 for r in res)
+
+
+@pytest.mark.parametrize("kind", ["click", "box", "doodle"])
+def test_real_model_interactive_prompts(model, demo, kind):
+    from OnePromptSegLib.bench import simulated_prompt
+
+    img, truth, spacing = demo
+    k0 = int(truth.sum(axis=(1, 2)).argmax())
+    s = _session(model, img, spacing=spacing)
+    first = s.add_prompt(simulated_prompt(kind, truth[k0].astype(bool), k0))
+    assert dice(first, truth[k0]) >= 0.75
+    list(s.propagate())
+    assert dice(s.result, truth) >= 0.7
+
+
+def test_prompt_that_finds_nothing_is_a_clear_error(model, demo):
+    img, truth, spacing = demo
+    s = _session(model, np.zeros_like(img), spacing=spacing)
+    with pytest.raises(PromptError, match="found no structure"):
+        s.add_prompt(BBox(10, 2.0, 2.0, 6.0, 6.0))
+
+
+def test_one_prompt_transfer_from_another_volume(model):
+    from OnePromptSegLib.synth import make_demo_volume
+
+    ref_img, ref_truth, sp = make_demo_volume(shape=(40, 112, 112), seed=3)
+    img, truth, _ = make_demo_volume(shape=(40, 112, 112), seed=11)
+    k = int(ref_truth.sum(axis=(1, 2)).argmax())
+    s = _session(model, img, spacing=sp)
+    s.add_reference(ref_img, MaskPrompt(k, ref_truth[k].astype(bool)), "k", sp)
+    with pytest.warns(UserWarning, match="seeded from slice"):
+        list(s.propagate())
+    assert dice(s.result, truth) >= 0.6
