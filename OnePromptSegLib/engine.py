@@ -45,7 +45,9 @@ from .ssim import blurred_ssim
 class EngineSettings:
     """Propagation settings.  Defaults were calibrated on ../shared/data/train (see docs/BENCHMARKS.md)."""
 
-    ssim_threshold: float = 0.5  #: re-prompt when SSIM(current slice, prompt's slice) falls below this
+    #: re-prompt when SSIM(current slice, prompt's slice) falls below this.  0.35 ~ the 5th percentile of
+    #: neighbouring-slice SSIM on ../shared/data/train (python -m OnePromptSegLib.calibrate; BENCHMARKS.md).
+    ssim_threshold: float = 0.35
     reprompt: bool = True  #: SSIM-triggered re-prompting from buffered predictions
     max_prompt_distance: int = 12  #: never prompt from a slice further away than this
     max_templates: int = 3  #: K: templates per step (previous slice + nearest anchors / trusted slices)
@@ -303,6 +305,13 @@ class PropagationSession:
         masks: Dict[int, np.ndarray] = {start: self.anchors[start]}
         if far is not None:
             masks[far] = self.anchors[far]
+        # Slices already computed (a walk resumed after a cancel) can prompt the slices after them.
+        reach = self.settings.max_prompt_distance
+        for k in range(max(0, min(slices) - reach), min(self.n, max(slices) + reach + 1)):
+            if k in self._valid and k not in masks and k not in slices:
+                m = self._result_slice(k).astype(bool)
+                if m.any():
+                    masks[k] = m
         stopped: Dict[int, bool] = {1: False, -1: False}
         empties: Dict[int, int] = {1: 0, -1: 0}
         boxes: Dict[int, Optional[CropBox]] = {1: None, -1: None}

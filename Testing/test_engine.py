@@ -69,8 +69,8 @@ def test_cancel_keeps_earlier_slices_and_resumes(oracle):
     seen = []
     for r in s.propagate():
         seen.append(r.slice_index)
-        if len(seen) == 5:
-            break  # the user pressed Cancel
+        if len(seen) == 16:
+            break  # the user pressed Cancel: slices 19..8 (down) are done, the walk up has not started
     for k in seen:
         assert dice(s.result[k], truth[k]) > 0.9
     untouched = [k for k in range(40) if k not in seen and k != 20]
@@ -78,6 +78,14 @@ def test_cancel_keeps_earlier_slices_and_resumes(oracle):
     rest = [r.slice_index for r in s.propagate()]
     assert not set(rest) & set(seen)  # what was done is not redone
     assert dice(s.result, truth) > 0.97
+    # Cancel in the middle of a walk, then resume: the resumed walk is prompted by what was kept.
+    s = _session(oracle, img)
+    s.add_prompt(MaskPrompt(8, truth[8].astype(bool)))
+    for i, r in enumerate(s.propagate("forward")):
+        if r.slice_index == 22:  # more than max_prompt_distance from the anchor
+            break
+    rest = [r.slice_index for r in s.propagate("forward")]
+    assert rest[0] == 23 and dice(s.result, truth) > 0.97
 
 
 def test_two_anchors_meet_in_the_middle(oracle):
