@@ -1,0 +1,985 @@
+"""OnePromptSeg: segment a structure through a whole volume from one prompted slice.
+
+Thin Slicer layer over the pure-Python library ``OnePromptSegLib``: Slicer nodes <-> numpy arrays and prompts, the
+module panel, progress with Cancel, writing into the selected segment with undo, and the correction loop.
+Volumes are numpy arrays in (k, j, i) order, exactly what ``slicer.util.arrayFromVolume`` returns.
+"""
+import logging
+import os
+import sys
+import warnings
+from typing import Annotated
+
+import numpy as np
+import qt
+import vtk
+
+import slicer
+from slicer.i18n import tr as _
+from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoadableModuleLogic,
+                                           ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget)
+from slicer.util import VTKObservationMixin
+from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
+from slicer import (vtkMRMLMarkupsFiducialNode, vtkMRMLMarkupsROINode, vtkMRMLScalarVolumeNode,
+                    vtkMRMLSegmentationNode)
+
+
+def _addLibraryToPath():
+    """Make ``OnePromptSegLib`` importable: installed next to this file, or at ../ in the source tree."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    for base in (here, os.path.dirname(here)):
+        if os.path.isfile(os.path.join(base, "OnePromptSegLib", "__init__.py")):
+            if base not in sys.path:
+                sys.path.insert(0, base)
+            return base
+    return None
+
+
+LIBRARY_BASE = _addLibraryToPath()
+
+#: Python packages the library needs besides torch (installed with pip after the user agrees).
+PIP_REQUIREMENTS = {"scipy": "scipy", "skimage": "scikit-image", "SimpleITK": "SimpleITK"}
+
+PROMPT_MASK = "Mask: drawn slices of the segment"
+PROMPT_POINTS = "Points: positive / negative point lists"
+PROMPT_BOX = "Box: markups ROI"
+PROMPT_SCRIBBLES = "Scribbles: painted foreground / background segments"
+PROMPT_TYPES = [PROMPT_MASK, PROMPT_POINTS, PROMPT_BOX, PROMPT_SCRIBBLES]
+DIRECTIONS = {"Both directions": "both", "Up only (increasing slice index)": "forward",
+              "Down only (decreasing slice index)": "backward"}
+VIEWS = ["Red", "Yellow", "Green"]
+DEVICES = ["auto", "cpu", "cuda", "mps"]
+
+
+class DependencyError(RuntimeError):
+    """A Python dependency is missing and was not installed; the message says how to get it."""
+
+
+#
+# OnePromptSeg
+#
+
+class OnePromptSeg(ScriptedLoadableModule):
+    def __init__(self, parent):
+        ScriptedLoadableModule.__init__(self, parent)
+        self.parent.title = _("OnePromptSeg")
+        self.parent.categories = ["Segmentation"]
+        self.parent.dependencies = ["Segmentations", "Markups"]
+        self.parent.contributors = ["OnePromptSeg contributors"]
+        self.parent.helpText = _("""
+Segment a structure through a whole volume from <b>one prompted slice</b>: draw the structure on one slice (or give
+points, a box or scribbles), then propagate slice by slice up and down. Correct any slice and click
+<b>Re-propagate</b>: only the affected slices are recomputed. Slices you drew are never overwritten.
+The <b>OnePrompt</b> effect offers the same in the Segment Editor, honouring its masking settings.
+Not for clinical use. See the
+<a href="https://github.com/onepromptseg/SlicerOnePromptSeg/blob/main/docs/README_radiologists.md">user guide</a>.
+""")
+        self.parent.acknowledgementText = _("""
+Model after One-Prompt to Segment All Medical Images (Wu et al., CVPR 2024) with slice propagation in the spirit of
+Prompt U-Net and SAM2's video predictor. Developed by the OnePromptSeg contributors (MIT licence).
+""")
+        slicer.app.connect("startupCompleted()", registerEditorEffect)
+
+
+def registerEditorEffect():
+    """Register the OnePrompt Segment Editor effect (as Slicer's ScriptedSegmentEditorEffect template does)."""
+    import qSlicerSegmentationsEditorEffectsPythonQt as qSlicerSegmentationsEditorEffects
+    instance = qSlicerSegmentationsEditorEffects.qSlicerSegmentEditorScriptedEffect(None)
+    effectFilename = os.path.join(os.path.dirname(__file__), "SegmentEditorOnePromptLib", "SegmentEditorEffect.py")
+    instance.setPythonSource(effectFilename.replace("\\", "/"))
+    instance.self().register()
+
+
+#
+# Parameter node
+#
+
+@parameterNodeWrapper
+class OnePromptSegParameterNode:
+    inputVolume: vtkMRMLScalarVolumeNode
+    segmentationNode: vtkMRMLSegmentationNode
+    segmentId: str = ""
+    sliceView: Annotated[str, Choice(VIEWS)] = "Red"
+    promptType: Annotated[str, Choice(PROMPT_TYPES)] = PROMPT_MASK
+    positivePoints: vtkMRMLMarkupsFiducialNode
+    negativePoints: vtkMRMLMarkupsFiducialNode
+    boxRoi: vtkMRMLMarkupsROINode
+    scribbleSegmentationNode: vtkMRMLSegmentationNode
+    scribbleForegroundId: str = ""
+    scribbleBackgroundId: str = ""
+    useBackgroundScribbles: bool = False
+    templateVolume: vtkMRMLScalarVolumeNode
+    templateSegmentationNode: vtkMRMLSegmentationNode
+    templateSegmentId: str = ""
+    direction: Annotated[str, Choice(list(DIRECTIONS))] = "Both directions"
+    useSliceRange: bool = False
+    sliceFirst: Annotated[int, WithinRange(0, 9999)] = 0
+    sliceLast: Annotated[int, WithinRange(0, 9999)] = 0
+    useCalibratedThreshold: bool = True
+    ssimThreshold: Annotated[float, WithinRange(0.0, 1.0)] = 0.5
+    reprompt: bool = True
+    device: Annotated[str, Choice(DEVICES)] = "auto"
+    modelName: str = ""
+
+
+_sharedLogic = None
+
+
+def sharedLogic():
+    """The logic instance shared by the module panel and the Segment Editor effect."""
+    global _sharedLogic
+    if _sharedLogic is None:
+        _sharedLogic = OnePromptSegLogic()
+    return _sharedLogic
+
+
+def createProgressCallback(title):
+    """A modal progress dialog with Cancel and the callback the logic calls per slice (False = cancel)."""
+    dialog = slicer.util.createProgressDialog(windowTitle=_("OnePromptSeg"), labelText=title, maximum=0, value=0,
+                                              windowModality=qt.Qt.WindowModal)  # no second run while one runs
+    dialog.setCancelButtonText(_("Cancel (keep what is done)"))
+    dialog.show()
+    slicer.app.processEvents()
+
+    def callback(result=None, message=None):
+        if message is not None:
+            dialog.labelText = message
+        if result is not None:
+            dialog.maximum = max(int(result.total), 1)
+            dialog.value = min(int(result.done), dialog.maximum - 1)  # reaching maximum would reset the dialog
+            dialog.labelText = _("Slice {index} ({done} of {total}){flag}").format(
+                index=result.slice_index, done=result.done, total=result.total,
+                flag=_(", re-prompted") if result.reprompted else "")
+        slicer.app.processEvents()  # keep Slicer responsive: one slice at a time
+        return not dialog.wasCanceled
+
+    return dialog, callback
+
+
+#
+# OnePromptSegWidget
+#
+
+class OnePromptSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    def __init__(self, parent=None):
+        ScriptedLoadableModuleWidget.__init__(self, parent)
+        VTKObservationMixin.__init__(self)
+        self.logic = None
+        self._parameterNode = None
+        self._parameterNodeGuiTag = None
+        self._updatingSelectors = False
+
+    def setup(self):
+        ScriptedLoadableModuleWidget.setup(self)
+        uiWidget = slicer.util.loadUI(self.resourcePath("UI/OnePromptSeg.ui"))
+        self.layout.addWidget(uiWidget)
+        self.ui = slicer.util.childWidgetVariables(uiWidget)
+        uiWidget.setMRMLScene(slicer.mrmlScene)
+        self.logic = sharedLogic()  # shared with the OnePrompt effect: correct in one, re-propagate in the other
+
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+
+        # Segment selectors are not handled by the parameter node wrapper: synchronised here.
+        self._segmentSelectors = [
+            (self.ui.segmentSelector, "segmentationNode", "segmentId"),
+            (self.ui.scribbleForegroundSelector, "scribbleSegmentationNode", "scribbleForegroundId"),
+            (self.ui.scribbleBackgroundSelector, "scribbleSegmentationNode", "scribbleBackgroundId"),
+            (self.ui.templateSegmentSelector, "templateSegmentationNode", "templateSegmentId"),
+        ]
+        for selector, _nodeName, _idName in self._segmentSelectors:
+            selector.connect("currentNodeChanged(vtkMRMLNode*)", self.updateParameterNodeFromSelectors)
+            selector.connect("currentSegmentChanged(QString)", self.updateParameterNodeFromSelectors)
+        self.ui.modelComboBox.connect("currentIndexChanged(int)", self.onModelChanged)
+        self.ui.propagateButton.connect("clicked(bool)", self.onPropagate)
+        self.ui.repropagateButton.connect("clicked(bool)", self.onRepropagate)
+        self.ui.undoButton.connect("clicked(bool)", self.onUndo)
+        self.ui.installDependenciesButton.connect("clicked(bool)", self.onInstallDependencies)
+        for placeWidget in (self.ui.positivePointsPlaceWidget, self.ui.negativePointsPlaceWidget):
+            placeWidget.placeMultipleMarkups = slicer.qSlicerMarkupsPlaceWidget.ForcePlaceMultipleMarkups
+        # The model list needs torch: it is read when the Model section is opened, not at start-up.
+        self.ui.modelCollapsibleButton.connect("contentsCollapsed(bool)", self.onModelSectionToggled)
+        self.initializeParameterNode()
+
+    def cleanup(self):
+        self.removeObservers()
+
+    def enter(self):
+        self.initializeParameterNode()
+
+    def exit(self):
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self._parameterNodeGuiTag = None
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGUIFromParameterNode)
+
+    def onSceneStartClose(self, caller, event):
+        self.setParameterNode(None)
+        self.logic.reset()
+
+    def onSceneEndClose(self, caller, event):
+        if self.parent.isEntered:
+            self.initializeParameterNode()
+
+    def initializeParameterNode(self):
+        self.setParameterNode(self.logic.getParameterNode())
+        if not self._parameterNode.inputVolume:
+            firstVolumeNode = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
+            if firstVolumeNode:
+                self._parameterNode.inputVolume = firstVolumeNode
+
+    def setParameterNode(self, inputParameterNode):
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGUIFromParameterNode)
+        self._parameterNode = inputParameterNode
+        if self._parameterNode:
+            # The .ui file names the parameter of each widget in its "SlicerParameterName" dynamic property.
+            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGUIFromParameterNode)
+            self.updateGUIFromParameterNode()
+
+    def updateGUIFromParameterNode(self, caller=None, event=None):
+        pn = self._parameterNode
+        if pn is None:
+            return
+        self._updatingSelectors = True
+        try:
+            for selector, nodeName, idName in self._segmentSelectors:
+                node = getattr(pn, nodeName)
+                if selector.currentNode() != node:
+                    selector.setCurrentNode(node)
+                if getattr(pn, idName) and selector.currentSegmentID() != getattr(pn, idName):
+                    selector.setCurrentSegmentID(getattr(pn, idName))
+        finally:
+            self._updatingSelectors = False
+        self.ui.positivePointsPlaceWidget.setCurrentNode(pn.positivePoints)
+        self.ui.negativePointsPlaceWidget.setCurrentNode(pn.negativePoints)
+        self.ui.roiPlaceWidget.setCurrentNode(pn.boxRoi)
+        self.ui.maskPromptFrame.visible = pn.promptType == PROMPT_MASK
+        self.ui.pointsPromptFrame.visible = pn.promptType == PROMPT_POINTS
+        self.ui.boxPromptFrame.visible = pn.promptType == PROMPT_BOX
+        self.ui.scribblePromptFrame.visible = pn.promptType == PROMPT_SCRIBBLES
+        self.ui.scribbleBackgroundSelector.enabled = pn.useBackgroundScribbles
+        self.ui.sliceFirstSpinBox.enabled = self.ui.sliceLastSpinBox.enabled = pn.useSliceRange
+        self.ui.ssimThresholdSliderWidget.enabled = not pn.useCalibratedThreshold
+        ready = bool(pn.inputVolume and pn.segmentationNode and pn.segmentId)
+        self.ui.propagateButton.enabled = ready
+        self.ui.propagateButton.toolTip = (_("Segment the prompted slice(s) and propagate through the volume") if ready
+                                           else _("Select the volume, the segmentation and the segment to write into"))
+        self.ui.repropagateButton.enabled = ready and self.logic.hasRun(pn.segmentationNode, pn.segmentId)
+        self.ui.undoButton.enabled = bool(pn.segmentationNode) and self.logic.canUndo(pn.segmentationNode)
+
+    def updateParameterNodeFromSelectors(self, *args):
+        if self._parameterNode is None or self._updatingSelectors:
+            return
+        pn = self._parameterNode
+        self._updatingSelectors = True
+        try:
+            # The background scribble selector follows the foreground selector's segmentation.
+            self.ui.scribbleBackgroundSelector.setCurrentNode(self.ui.scribbleForegroundSelector.currentNode())
+        finally:
+            self._updatingSelectors = False
+        with slicer.util.NodeModify(pn.parameterNode):
+            for selector, nodeName, idName in self._segmentSelectors:
+                if selector is not self.ui.scribbleBackgroundSelector:
+                    setattr(pn, nodeName, selector.currentNode())
+                setattr(pn, idName, selector.currentSegmentID() or "")
+
+    def populateModels(self):
+        """Model choices from the weights manifest (needs torch; the bundled default is always offered)."""
+        combo = self.ui.modelComboBox
+        wasBlocked = combo.blockSignals(True)
+        combo.clear()
+        combo.addItem(_("Default (bundled, works offline)"), "")
+        for entry in self.logic.availableModels():
+            if entry.get("default"):
+                continue
+            where = _("download") if entry.get("url") and not os.path.exists(entry.get("path", "")) else _("local")
+            combo.addItem(f"{entry['name']} ({where})", entry["name"])
+        selected = self._parameterNode.modelName if self._parameterNode else ""
+        combo.currentIndex = max(combo.findData(selected), 0)
+        combo.blockSignals(wasBlocked)
+
+    def onModelSectionToggled(self, collapsed):
+        if not collapsed and self.ui.modelComboBox.count <= 1:
+            self.populateModels()
+
+    def onModelChanged(self, index):
+        if self._parameterNode is not None and index >= 0:
+            self._parameterNode.modelName = self.ui.modelComboBox.itemData(index) or ""
+
+    def onInstallDependencies(self):
+        with slicer.util.tryWithErrorDisplay(_("Installing the dependencies failed."), waitCursor=True):
+            if self.logic.ensureDependencies(askConfirmation=True):
+                self.populateModels()
+                self.ui.statusLabel.text = _("Dependencies are installed; torch runs on: {device}").format(
+                    device=self.logic.torchDeviceSummary())
+
+    def onPropagate(self):
+        self._run(repropagate=False)
+
+    def onRepropagate(self):
+        self._run(repropagate=True)
+
+    def _run(self, repropagate):
+        pn = self._parameterNode
+        with slicer.util.tryWithErrorDisplay(_("OnePromptSeg failed."), waitCursor=False):
+            if not self.logic.ensureDependencies(askConfirmation=True):
+                return
+            dialog, callback = createProgressCallback(_("Loading the model..."))
+            try:
+                if repropagate:
+                    summary = self.logic.repropagate(pn.inputVolume, pn.segmentationNode, pn.segmentId,
+                                                     progressCallback=callback)
+                else:
+                    summary = self.logic.segment(progressCallback=callback, **self.logic.requestFromParameterNode(pn))
+            finally:
+                dialog.close()
+            self.ui.statusLabel.text = self.logic.describe(summary)
+        self.updateGUIFromParameterNode()
+
+    def onUndo(self):
+        pn = self._parameterNode
+        if not self.logic.undo(pn.segmentationNode):
+            slicer.util.warningDisplay(_("Nothing to undo."))
+        self.updateGUIFromParameterNode()
+
+
+#
+# OnePromptSegLogic
+#
+
+class _Run:
+    """What the logic keeps between runs for one target segment: the session and what was written."""
+
+    def __init__(self, session, volumeNodeID, axis, direction, sliceRange, drawn):
+        self.session = session
+        self.volumeNodeID = volumeNodeID
+        self.axis = axis
+        self.direction = direction
+        self.sliceRange = sliceRange
+        self.drawn = set(drawn)  # slices the user drew or corrected: never overwritten
+        self.written = None  # the segment (k, j, i) as it was right after our last write
+
+
+class OnePromptSegLogic(ScriptedLoadableModuleLogic):
+    """Everything the module does, usable without the GUI (scripts, tests, the Segment Editor effect)."""
+
+    def __init__(self):
+        ScriptedLoadableModuleLogic.__init__(self)
+        self._model = None
+        self._modelKey = None
+        self._runs = {}
+        self._histories = {}
+
+    def getParameterNode(self):
+        return OnePromptSegParameterNode(super().getParameterNode())
+
+    def reset(self):
+        """Forget sessions and undo histories (scene closed)."""
+        self._runs, self._histories = {}, {}
+
+    # ---------------------------------------------------------------------------------------- dependencies
+    def ensureDependencies(self, askConfirmation=True):
+        """torch through the PyTorch extension, other packages with pip; only after the user agrees."""
+        import importlib.util
+        if importlib.util.find_spec("torch") is None:
+            try:
+                import PyTorchUtils
+            except ModuleNotFoundError:
+                raise DependencyError(_("OnePromptSeg needs PyTorch: install the 'PyTorch' extension from the "
+                                        "Extensions Manager, restart Slicer and try again."))
+            torchLogic = PyTorchUtils.PyTorchUtilsLogic()
+            if not torchLogic.torchInstalled():
+                if torchLogic.installTorch(askConfirmation=askConfirmation) is None:
+                    raise DependencyError(_("PyTorch was not installed, so OnePromptSeg cannot run. Install it in "
+                                            "the 'PyTorch Utils' module or accept the installation."))
+        missing = [pip for module, pip in PIP_REQUIREMENTS.items() if importlib.util.find_spec(module) is None]
+        if missing:
+            try:
+                import slicer.packaging as packaging
+            except ImportError:
+                packaging = None
+            if packaging is not None and hasattr(packaging, "pip_ensure"):
+                packaging.pip_ensure(missing, prompt_install=askConfirmation, requester="OnePromptSeg")
+            else:
+                if askConfirmation and not slicer.util.confirmOkCancelDisplay(
+                        _("OnePromptSeg needs these Python packages: {packages}. Install them now? "
+                          "(needs a network connection)").format(packages=", ".join(missing))):
+                    raise DependencyError(_("Missing Python packages: {packages}").format(packages=", ".join(missing)))
+                slicer.util.pip_install(missing)
+        return True
+
+    def torchDeviceSummary(self):
+        import torch
+        if torch.cuda.is_available():
+            return f"CUDA ({torch.cuda.get_device_name(0)})"
+        return _("CPU only (no CUDA GPU found: propagation is slower but works)")
+
+    # ---------------------------------------------------------------------------------------- models
+    def manifestPath(self):
+        for base in (os.path.dirname(os.path.abspath(__file__)), LIBRARY_BASE or ""):
+            path = os.path.join(base, "weights_manifest.json")
+            if os.path.isfile(path):
+                return path
+        return None
+
+    def availableModels(self):
+        """Manifest entries (empty until torch is installed)."""
+        import importlib.util
+        if importlib.util.find_spec("torch") is None or LIBRARY_BASE is None:
+            return []
+        from OnePromptSegLib.checkpoints import list_models
+        return list_models(self.manifestPath())
+
+    def loadModel(self, modelName="", device="auto"):
+        """The model (cached); a manifest entry not bundled is downloaded into Slicer's cache first."""
+        from OnePromptSegLib.checkpoints import CheckpointError, load_model
+        key = (modelName or "", device)
+        if self._model is not None and self._modelKey == key:
+            return self._model
+        nameOrPath = modelName or None
+        for entry in self.availableModels():
+            if entry["name"] == modelName and entry.get("url") and not os.path.exists(entry["path"]):
+                import SampleData
+                fileName = os.path.basename(entry["file"])
+                nameOrPath = SampleData.SampleDataLogic().downloadFileIntoCache(
+                    entry["url"], fileName, checksum=f"SHA256:{entry['sha256']}")
+                if not nameOrPath or not os.path.exists(nameOrPath):
+                    raise CheckpointError(_("Downloading {name} from {url} failed or the file did not match its "
+                                            "checksum: check the network connection and try again, or use the "
+                                            "default model.").format(name=modelName, url=entry["url"]))
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*not listed in the weights manifest.*")  # checksum verified
+            self._model = load_model(nameOrPath, device=device, manifest_path=self.manifestPath())
+        self._modelKey = key
+        return self._model
+
+    # ---------------------------------------------------------------------------------------- Slicer -> numpy
+    @staticmethod
+    def ijkToWorld(volumeNode: vtkMRMLScalarVolumeNode):
+        """4x4 IJK -> world RAS of a volume, including a linear parent transform."""
+        m = vtk.vtkMatrix4x4()
+        volumeNode.GetIJKToRASMatrix(m)
+        ijkToRas = slicer.util.arrayFromVTKMatrix(m)
+        parent = volumeNode.GetParentTransformNode()
+        if parent is not None:
+            if not parent.IsTransformToWorldLinear():
+                raise ValueError(_("The volume '{name}' is under a non-linear transform: harden the transform "
+                                   "(Data module, right-click > Harden transform) first.").format(name=volumeNode.GetName()))
+            t = vtk.vtkMatrix4x4()
+            parent.GetMatrixTransformToWorld(t)
+            ijkToRas = slicer.util.arrayFromVTKMatrix(t) @ ijkToRas
+        return ijkToRas
+
+    def volumeArray(self, volumeNode: vtkMRMLScalarVolumeNode):
+        """(image (k, j, i) float32, ijkToWorld 4x4, spacing (i, j, k))."""
+        if volumeNode is None or volumeNode.GetImageData() is None:
+            raise ValueError(_("Select a volume that has image data."))
+        image = slicer.util.arrayFromVolume(volumeNode).astype(np.float32)
+        return image, self.ijkToWorld(volumeNode), tuple(float(s) for s in volumeNode.GetSpacing())
+
+    @staticmethod
+    def sliceNormal(viewName):
+        """RAS normal of a slice view (column 2 of SliceToRAS); the view's default without a layout."""
+        from OnePromptSegLib.geometry import view_name_to_default_normal
+        sliceNode = None
+        layoutManager = slicer.app.layoutManager()
+        if layoutManager is not None and layoutManager.sliceWidget(viewName) is not None:
+            sliceNode = layoutManager.sliceWidget(viewName).mrmlSliceNode()
+        if sliceNode is None:
+            sliceNode = slicer.mrmlScene.GetNodeByID(f"vtkMRMLSliceNode{viewName}")
+        if sliceNode is None:
+            return view_name_to_default_normal(viewName)
+        sliceToRas = sliceNode.GetSliceToRAS()
+        return [sliceToRas.GetElement(row, 2) for row in range(3)]
+
+    def sliceAxis(self, viewName, ijkToWorld):
+        """The IJK axis the view slices along; GeometryError with a clear message if the view is oblique."""
+        from OnePromptSegLib.geometry import slice_axis_for_normal
+        return slice_axis_for_normal(self.sliceNormal(viewName), ijkToWorld)
+
+    @staticmethod
+    def segmentArray(segmentationNode: vtkMRMLSegmentationNode, segmentId, volumeNode: vtkMRMLScalarVolumeNode):
+        """The segment as uint8 (k, j, i) on the volume's grid (zeros if it is empty)."""
+        if segmentationNode is None or not segmentId or not segmentationNode.GetSegmentation().GetSegment(segmentId):
+            raise ValueError(_("Select a segment (Segment Editor: Add) to hold the result or the prompt."))
+        try:
+            array = slicer.util.arrayFromSegmentBinaryLabelmap(segmentationNode, segmentId, volumeNode)
+        except RuntimeError:  # an empty segment may fail to export: it is all zeros on the volume's grid
+            array = np.zeros(slicer.util.arrayFromVolume(volumeNode).shape, np.uint8)
+        return (array > 0).astype(np.uint8)
+
+    @staticmethod
+    def orientedImageFromArray(array, volumeNode: vtkMRMLScalarVolumeNode):
+        """uint8 (k, j, i) array on the volume's grid -> vtkOrientedImageData (for Segment Editor effects)."""
+        from vtk.util import numpy_support
+        image = slicer.vtkOrientedImageData()
+        image.SetDimensions(array.shape[2], array.shape[1], array.shape[0])
+        ijkToRas = vtk.vtkMatrix4x4()
+        volumeNode.GetIJKToRASMatrix(ijkToRas)
+        image.SetImageToWorldMatrix(ijkToRas)
+        image.AllocateScalars(vtk.VTK_UNSIGNED_CHAR, 1)
+        numpy_support.vtk_to_numpy(image.GetPointData().GetScalars())[:] = np.asarray(array, np.uint8).ravel()
+        return image
+
+    @staticmethod
+    def drawnAxis(array):
+        """IJK axis of a drawing made on single slices: the axis along which it covers the fewest slices."""
+        counts = [int(array.any(axis=tuple(d for d in range(3) if d != 2 - a)).sum()) for a in range(3)]
+        best = min(counts)
+        return counts.index(best) if best > 0 and counts.count(best) == 1 else None
+
+    @staticmethod
+    def _pointsWorld(markupsNode: vtkMRMLMarkupsFiducialNode):
+        points = []
+        if markupsNode is not None:
+            for i in range(markupsNode.GetNumberOfControlPoints()):
+                if markupsNode.GetNthControlPointPositionStatus(i) != slicer.vtkMRMLMarkupsNode.PositionDefined:
+                    continue
+                p = [0.0, 0.0, 0.0]
+                markupsNode.GetNthControlPointPositionWorld(i, p)
+                points.append(p)
+        return np.array(points, dtype=float).reshape(-1, 3)
+
+    def buildPrompts(self, promptType, volumeNode: vtkMRMLScalarVolumeNode, image, ijkToWorld, axis,
+                     segmentationNode: vtkMRMLSegmentationNode = None, segmentId=None, positivePoints=None,
+                     negativePoints=None, roiNode: vtkMRMLMarkupsROINode = None,
+                     scribbleSegmentationNode: vtkMRMLSegmentationNode = None, scribbleForegroundId=None,
+                     scribbleBackgroundId=None):
+        """Slicer nodes -> library prompts on ``volumeNode``'s grid.  Returns (prompts, drawn slice indices)."""
+        from OnePromptSegLib import geometry, prompts
+        naxis = 2 - axis
+        if promptType == PROMPT_MASK:
+            drawing = self.segmentArray(segmentationNode, segmentId, volumeNode)
+            if not drawing.any():
+                raise prompts.PromptError(_("The segment is empty: draw the structure on one slice first (Segment "
+                                            "Editor: Paint or Draw), or choose another prompt type."))
+            masks = prompts.masks_from_label_volume(drawing, axis)
+            return masks, {m.slice_index for m in masks}
+        if promptType == PROMPT_POINTS:
+            pos, neg = self._pointsWorld(positivePoints), self._pointsWorld(negativePoints)
+            if not len(pos):
+                raise prompts.PromptError(_("Place at least one positive point on the structure."))
+            allPoints = np.concatenate([pos, neg])
+            labels = [1] * len(pos) + [0] * len(neg)
+            ijk = np.atleast_2d(geometry.ras_to_ijk(allPoints, ijkToWorld))
+            slices = [geometry.slice_index_for_ras(p, ijkToWorld, axis) for p in allPoints]
+            clicks = []
+            for s in sorted({sl for sl, lab in zip(slices, labels) if lab == 1}):  # one prompt per slice
+                members = [n for n, sl in enumerate(slices) if sl == s]
+                pts = [tuple(ijk[n][:axis]) + (float(s),) + tuple(ijk[n][axis + 1:]) for n in members]
+                clicks.append(prompts.Click.from_ijk(pts, [labels[n] for n in members], axis))
+            return clicks, set()
+        if promptType == PROMPT_BOX:
+            if roiNode is None:
+                raise prompts.PromptError(_("Select or place a markups ROI around the structure on one slice."))
+            center, size = [0.0, 0.0, 0.0], [0.0, 0.0, 0.0]
+            roiNode.GetCenterWorld(center)
+            roiNode.GetSizeWorld(size)
+            corners = geometry.roi_corners(center, size, slicer.util.arrayFromVTKMatrix(roiNode.GetObjectToWorldMatrix()))
+            s = geometry.slice_index_for_ras(center, ijkToWorld, axis)
+            c0, c1 = geometry.ijk_box_from_ras_corners(corners, ijkToWorld, axis, s, image.shape)
+            return [prompts.BBox.from_ijk(c0, c1, axis)], set()
+        if promptType == PROMPT_SCRIBBLES:
+            if scribbleBackgroundId and scribbleBackgroundId == scribbleForegroundId:
+                raise prompts.PromptError(_("Background scribbles must be in another segment than the foreground."))
+            fg = self.segmentArray(scribbleSegmentationNode, scribbleForegroundId, volumeNode)
+            bg = (self.segmentArray(scribbleSegmentationNode, scribbleBackgroundId, volumeNode)
+                  if scribbleBackgroundId else np.zeros_like(fg))
+            slices = np.flatnonzero(fg.any(axis=tuple(d for d in range(3) if d != naxis)))
+            if not len(slices):
+                raise prompts.PromptError(_("The foreground scribble segment is empty: paint on the structure first."))
+            return [prompts.Doodle(int(s), np.take(fg, s, naxis) > 0, np.take(bg, s, naxis) > 0) for s in slices], set()
+        raise ValueError(f"unknown prompt type {promptType!r}")
+
+    # ---------------------------------------------------------------------------------------- running
+    def requestFromParameterNode(self, pn):
+        """Keyword arguments of :meth:`segment` from the module's parameter node."""
+        return dict(volumeNode=pn.inputVolume, segmentationNode=pn.segmentationNode, segmentId=pn.segmentId,
+                    promptType=pn.promptType, sliceView=pn.sliceView, positivePoints=pn.positivePoints,
+                    negativePoints=pn.negativePoints, roiNode=pn.boxRoi,
+                    scribbleSegmentationNode=pn.scribbleSegmentationNode,
+                    scribbleForegroundId=pn.scribbleForegroundId,
+                    scribbleBackgroundId=pn.scribbleBackgroundId if pn.useBackgroundScribbles else "",
+                    templateVolumeNode=pn.templateVolume, templateSegmentationNode=pn.templateSegmentationNode,
+                    templateSegmentId=pn.templateSegmentId, direction=DIRECTIONS[pn.direction],
+                    sliceRange=(min(pn.sliceFirst, pn.sliceLast), max(pn.sliceFirst, pn.sliceLast))
+                    if pn.useSliceRange else None,
+                    ssimThreshold=None if pn.useCalibratedThreshold else pn.ssimThreshold, reprompt=pn.reprompt,
+                    modelName=pn.modelName, device=pn.device)
+
+    def segment(self, volumeNode, segmentationNode, segmentId, promptType=PROMPT_MASK, sliceView="Red", axis=None,
+                templateVolumeNode=None, templateSegmentationNode=None, templateSegmentId=None, direction="both",
+                sliceRange=None, ssimThreshold=None, reprompt=True, modelName="", device="auto",
+                progressCallback=None, writer=None, **promptNodes):
+        """Prompt, propagate and write into ``segmentId``.  Returns a summary dict.
+
+        ``promptNodes``: positivePoints, negativePoints, roiNode, scribbleSegmentationNode, scribbleForegroundId,
+        scribbleBackgroundId.  With ``templateVolumeNode`` (One-Prompt mode) the prompts are read on the template
+        volume (mask prompts from ``templateSegmentId``) and segment this volume.  ``progressCallback(result=None,
+        message=None)`` is called with a status message or a SliceResult; returning False cancels, keeping what was
+        done.  ``writer(array, volumeNode, segmentationNode, segmentId)``
+        replaces the default write (the Segment Editor effect passes its own).
+        """
+        from OnePromptSegLib.engine import EngineSettings, PropagationSession
+        image, ijkToWorld, spacing = self.volumeArray(volumeNode)
+        self.segmentArray(segmentationNode, segmentId, volumeNode)  # fail early without a target segment
+        axis = self.sliceAxis(sliceView, ijkToWorld) if axis is None else int(axis)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            if progressCallback:
+                progressCallback(message=_("Loading the model..."))
+            settings = EngineSettings(reprompt=bool(reprompt))
+            if ssimThreshold is not None:
+                settings.ssim_threshold = float(ssimThreshold)
+            session = PropagationSession(self.loadModel(modelName, device), settings)
+            session.set_volume(image, axis, spacing)
+            if progressCallback:
+                progressCallback(message=_("Segmenting the prompted slice(s)..."))
+            if templateVolumeNode is not None:
+                tImage, tIjkToWorld, tSpacing = self.volumeArray(templateVolumeNode)
+                tAxis = self.sliceAxis(sliceView, tIjkToWorld)
+                templatePrompts, _drawn = self.buildPrompts(promptType, templateVolumeNode, tImage, tIjkToWorld, tAxis,
+                                                            templateSegmentationNode, templateSegmentId, **promptNodes)
+                for prompt in templatePrompts:
+                    session.add_reference(tImage, prompt, tAxis, tSpacing)
+                drawn = set()
+            else:
+                userPrompts, drawn = self.buildPrompts(promptType, volumeNode, image, ijkToWorld, axis,
+                                                       segmentationNode, segmentId, **promptNodes)
+                previous = self._runs.get((segmentationNode.GetID(), segmentId))
+                if promptType == PROMPT_MASK and previous is not None and previous.written is not None \
+                        and previous.volumeNodeID == volumeNode.GetID() and previous.axis == axis:
+                    # Run again (new settings): the slices our last run wrote are not the user's drawing.
+                    current = self.segmentArray(segmentationNode, segmentId, volumeNode)
+                    otherAxes = tuple(d for d in range(3) if d != 2 - axis)
+                    drawn &= previous.drawn | set(np.flatnonzero((current != previous.written).any(axis=otherAxes)))
+                    userPrompts = [p for p in userPrompts if p.slice_index in drawn]
+                for prompt in userPrompts:
+                    session.add_prompt(prompt)
+            run = _Run(session, volumeNode.GetID(), axis, direction, sliceRange, drawn)
+            self._runs[(segmentationNode.GetID(), segmentId)] = run
+            summary = self._propagateAndWrite(run, volumeNode, segmentationNode, segmentId, progressCallback, writer)
+        summary["warnings"] = self._userWarnings(caught)
+        return summary
+
+    @staticmethod
+    def _userWarnings(caught):
+        """Messages worth showing (device fallback, One-Prompt seeding ...), each once; all are logged."""
+        messages = []
+        for w in caught:
+            if issubclass(w.category, UserWarning) and str(w.message) not in messages:
+                messages.append(str(w.message))
+                logging.warning(str(w.message))
+        return messages
+
+    def repropagate(self, volumeNode, segmentationNode, segmentId, progressCallback=None, writer=None):
+        """Correction loop: slices whose content differs from our last write become corrected anchors and only the
+        affected slices are recomputed."""
+        run = self._runs.get((segmentationNode.GetID() if segmentationNode else None, segmentId))
+        if run is None or run.written is None or volumeNode is None or run.volumeNodeID != volumeNode.GetID():
+            raise ValueError(_("Nothing to re-propagate for this segment and volume yet: click 'Segment and "
+                               "propagate' first."))
+        current = self.segmentArray(segmentationNode, segmentId, volumeNode)
+        naxis = 2 - run.axis
+        otherAxes = tuple(d for d in range(3) if d != naxis)
+        changed = np.flatnonzero((current != run.written).any(axis=otherAxes))
+        if not len(changed):
+            return {"computed": 0, "cancelled": False, "corrected": [], "axis": run.axis, "warnings": [],
+                    "note": _("No corrected slice found: edit a slice of the segment first.")}
+        for s in changed:
+            run.session.correct(int(s), np.take(current, int(s), naxis) > 0)
+            run.drawn.add(int(s))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            summary = self._propagateAndWrite(run, volumeNode, segmentationNode, segmentId, progressCallback, writer)
+        summary["corrected"] = [int(s) for s in changed]
+        summary["warnings"] = self._userWarnings(caught)
+        return summary
+
+    def _propagateAndWrite(self, run, volumeNode, segmentationNode, segmentId, progressCallback, writer):
+        computed, cancelled = [], False
+        generator = run.session.propagate(direction=run.direction, slice_range=run.sliceRange)
+        try:
+            for result in generator:
+                computed.append(int(result.slice_index))
+                if progressCallback is not None and progressCallback(result) is False:
+                    cancelled = True
+                    break
+        finally:
+            generator.close()
+        current = self.segmentArray(segmentationNode, segmentId, volumeNode)
+        merged = self.mergeResult(current, run.session.result, run.axis,
+                                  set(computed) | set(run.session.anchors), run.drawn)
+        (writer or self.writeSegment)(merged, volumeNode, segmentationNode, segmentId)
+        run.written = self.segmentArray(segmentationNode, segmentId, volumeNode)
+        return {"computed": len(computed), "cancelled": cancelled, "axis": run.axis,
+                "anchors": sorted(int(a) for a in run.session.anchors), "drawn": sorted(run.drawn),
+                "device": str(getattr(run.session.model, "device", "?")),
+                "model": getattr(run.session.model, "name", "?")}
+
+    @staticmethod
+    def mergeResult(current, result, axis, slicesToWrite, drawnSlices):
+        """``current`` with ``result`` on ``slicesToWrite`` (IJK ``axis``), never on the drawn slices."""
+        merged = np.array(current, dtype=np.uint8, copy=True)
+        naxis = 2 - axis
+        for s in sorted(set(slicesToWrite) - set(drawnSlices)):
+            index = [slice(None)] * 3
+            index[naxis] = s
+            merged[tuple(index)] = result[tuple(index)] > 0
+        return merged
+
+    def writeSegment(self, array, volumeNode: vtkMRMLScalarVolumeNode, segmentationNode: vtkMRMLSegmentationNode,
+                     segmentId):
+        """Default writer: only this segment, with a state saved for undo first."""
+        self.saveStateForUndo(segmentationNode)
+        slicer.util.updateSegmentBinaryLabelmapFromArray(array, segmentationNode, segmentId, volumeNode)
+
+    def hasRun(self, segmentationNode, segmentId):
+        return segmentationNode is not None and (segmentationNode.GetID(), segmentId) in self._runs
+
+    @staticmethod
+    def describe(summary):
+        if summary.get("note"):
+            return summary["note"]
+        text = _("{n} slices propagated along {axis} on {device}").format(
+            n=summary["computed"], axis="IJK"[summary["axis"]], device=summary.get("device", "?"))
+        if summary.get("corrected"):
+            text += _("; corrected slices: {s}").format(s=", ".join(str(s) for s in summary["corrected"]))
+        if summary.get("cancelled"):
+            text += _(" (cancelled: the slices done so far were kept)")
+        return "\n".join([text] + summary.get("warnings", []))
+
+    # ---------------------------------------------------------------------------------------- undo
+    def saveStateForUndo(self, segmentationNode: vtkMRMLSegmentationNode):
+        """Snapshot for :meth:`undo`; the Segment Editor's own Undo also works when it edits this segmentation."""
+        history = self._histories.get(segmentationNode.GetID())
+        if history is None or history.GetSegmentation() != segmentationNode.GetSegmentation():
+            history = slicer.vtkSegmentationHistory()
+            history.SetMaximumNumberOfStates(10)
+            history.SetSegmentation(segmentationNode.GetSegmentation())
+            self._histories[segmentationNode.GetID()] = history
+        history.SaveState()
+        editorWidget = getattr(getattr(slicer.modules, "SegmentEditorWidget", None), "editor", None)
+        if editorWidget is not None and editorWidget.segmentationNode() == segmentationNode:
+            editorWidget.saveStateForUndo()
+
+    def canUndo(self, segmentationNode: vtkMRMLSegmentationNode):
+        history = self._histories.get(segmentationNode.GetID()) if segmentationNode else None
+        return bool(history and history.IsRestorePreviousStateAvailable())
+
+    def undo(self, segmentationNode: vtkMRMLSegmentationNode):
+        """Restore the segmentation as it was before the last write of this module."""
+        if not self.canUndo(segmentationNode):
+            return False
+        # The sessions no longer match the segment: re-propagating would take the undone slices for corrections.
+        self._runs = {key: run for key, run in self._runs.items() if key[0] != segmentationNode.GetID()}
+        return bool(self._histories[segmentationNode.GetID()].RestorePreviousState())
+
+
+#
+# OnePromptSegTest
+#
+
+class OnePromptSegTest(ScriptedLoadableModuleTest):
+    """Runs inside Slicer: Slicer --no-main-window --testing --python-code "import slicer.testing;
+    slicer.testing.runUnitTest(['<repo>/OnePromptSeg'], 'OnePromptSeg')"."""
+
+    # Lower bounds of Dice against the known truth of the synthetic volume (bundled checkpoint, CPU).
+    MIN_DICE = {"mask": 0.35, "points": 0.30, "box": 0.30, "scribbles": 0.30, "oneprompt": 0.15}
+
+    def setUp(self):
+        slicer.mrmlScene.Clear()
+        self.logic = OnePromptSegLogic()
+        self.logic.ensureDependencies(askConfirmation=False)
+
+    def runTest(self):
+        for test in (self.test_SyntheticMaskPrompt, self.test_SyntheticPointBoxScribblePrompts,
+                     self.test_CorrectionAndUndo, self.test_CancelKeepsWork, self.test_OnePromptMode,
+                     self.test_MRHead, self.test_SegmentEditorEffect):
+            self.setUp()
+            test()
+
+    # helpers
+    def _syntheticScene(self, seed=7):
+        from OnePromptSegLib.synth import make_demo_volume
+        image, truth, spacing = make_demo_volume(shape=(40, 112, 112), seed=seed)
+        volumeNode = slicer.util.addVolumeFromArray(image, name=f"Synthetic{seed}")
+        volumeNode.SetSpacing(spacing)
+        segmentationNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode")
+        segmentationNode.CreateDefaultDisplayNodes()
+        segmentationNode.SetReferenceImageGeometryParameterFromVolumeNode(volumeNode)
+        segmentation = segmentationNode.GetSegmentation()
+        segmentId = segmentation.AddEmptySegment("lesion", "lesion")
+        otherId = segmentation.AddEmptySegment("other", "other")
+        other = np.zeros(truth.shape, np.uint8)
+        other[:, :12, :12] = 1
+        slicer.util.updateSegmentBinaryLabelmapFromArray(other, segmentationNode, otherId, volumeNode)
+        return volumeNode, segmentationNode, segmentId, otherId, truth
+
+    @staticmethod
+    def _dice(a, b):
+        a, b = np.asarray(a) > 0, np.asarray(b) > 0
+        return 2.0 * (a & b).sum() / max(a.sum() + b.sum(), 1)
+
+    def _drawSlice(self, truth, k, volumeNode, segmentationNode, segmentId):
+        drawn = np.zeros_like(truth)
+        drawn[k] = truth[k]
+        slicer.util.updateSegmentBinaryLabelmapFromArray(drawn, segmentationNode, segmentId, volumeNode)
+        return drawn
+
+    def _result(self, volumeNode, segmentationNode, segmentId):
+        return self.logic.segmentArray(segmentationNode, segmentId, volumeNode)
+
+    # tests
+    def test_SyntheticMaskPrompt(self):
+        self.delayDisplay("Mask prompt on a synthetic volume with known truth")
+        volumeNode, segNode, segId, otherId, truth = self._syntheticScene()
+        k = int(np.argmax(truth.sum(axis=(1, 2))))
+        self._drawSlice(truth, k, volumeNode, segNode, segId)
+        otherBefore = self._result(volumeNode, segNode, otherId).copy()
+        summary = self.logic.segment(volumeNode, segNode, segId, PROMPT_MASK, sliceView="Red")
+        result = self._result(volumeNode, segNode, segId)
+        self.assertEqual(summary["axis"], 2)
+        self.assertTrue(np.array_equal(result[k], truth[k]), "the drawn slice must not change")
+        self.assertTrue(np.array_equal(self._result(volumeNode, segNode, otherId), otherBefore), "other segment touched")
+        dice = self._dice(result, truth)
+        logging.info(f"mask prompt Dice {dice:.3f}")
+        self.assertGreater(dice, self.MIN_DICE["mask"])
+
+    def test_SyntheticPointBoxScribblePrompts(self):
+        self.delayDisplay("Point, box and scribble prompts")
+        volumeNode, segNode, segId, _otherId, truth = self._syntheticScene()
+        k = int(np.argmax(truth.sum(axis=(1, 2))))
+        ijkToWorld = self.logic.ijkToWorld(volumeNode)
+        jj, ii = np.nonzero(truth[k])
+        centre = ijkToWorld @ [ii.mean(), jj.mean(), k, 1.0]
+        points = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "positive")
+        points.AddControlPoint(centre[:3])
+        self.logic.segment(volumeNode, segNode, segId, PROMPT_POINTS, positivePoints=points)
+        self.assertGreater(self._dice(self._result(volumeNode, segNode, segId), truth), self.MIN_DICE["points"])
+
+        lo = ijkToWorld @ [ii.min() - 2, jj.min() - 2, k, 1.0]
+        hi = ijkToWorld @ [ii.max() + 2, jj.max() + 2, k, 1.0]
+        roi = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsROINode", "box")
+        roi.SetCenter(((lo + hi) / 2)[:3])
+        roi.SetSize(np.abs(hi - lo)[:3] + [0, 0, 1])
+        self.logic.segment(volumeNode, segNode, segId, PROMPT_BOX, roiNode=roi)
+        self.assertGreater(self._dice(self._result(volumeNode, segNode, segId), truth), self.MIN_DICE["box"])
+
+        scribbles = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode")
+        fgId = scribbles.GetSegmentation().AddEmptySegment("fg", "fg")
+        bgId = scribbles.GetSegmentation().AddEmptySegment("bg", "bg")
+        from scipy import ndimage
+        fg, bg = np.zeros_like(truth), np.zeros_like(truth)
+        fg[k] = ndimage.binary_erosion(truth[k], iterations=4)
+        bg[k] = ndimage.binary_dilation(truth[k], iterations=6) & ~ndimage.binary_dilation(truth[k], iterations=4)
+        slicer.util.updateSegmentBinaryLabelmapFromArray(fg, scribbles, fgId, volumeNode)
+        slicer.util.updateSegmentBinaryLabelmapFromArray(bg, scribbles, bgId, volumeNode)
+        self.logic.segment(volumeNode, segNode, segId, PROMPT_SCRIBBLES, scribbleSegmentationNode=scribbles,
+                           scribbleForegroundId=fgId, scribbleBackgroundId=bgId)
+        self.assertGreater(self._dice(self._result(volumeNode, segNode, segId), truth), self.MIN_DICE["scribbles"])
+
+    def test_CorrectionAndUndo(self):
+        self.delayDisplay("Correction, re-propagation and undo")
+        volumeNode, segNode, segId, _otherId, truth = self._syntheticScene()
+        slices = np.flatnonzero(truth.any(axis=(1, 2)))
+        k = int(slices[len(slices) // 2])
+        self._drawSlice(truth, k, volumeNode, segNode, segId)
+        self.logic.segment(volumeNode, segNode, segId, PROMPT_MASK)
+        first = self._result(volumeNode, segNode, segId).copy()
+        fix = int(slices[-3])  # the user corrects a slice near the end of the structure
+        corrected = first.copy()
+        corrected[fix] = truth[fix]
+        slicer.util.updateSegmentBinaryLabelmapFromArray(corrected, segNode, segId, volumeNode)
+        summary = self.logic.repropagate(volumeNode, segNode, segId)
+        self.assertEqual(summary["corrected"], [fix])
+        second = self._result(volumeNode, segNode, segId)
+        self.assertTrue(np.array_equal(second[fix], truth[fix]), "the corrected slice must stay as drawn")
+        self.assertTrue(np.array_equal(second[k], truth[k]))
+        self.assertGreaterEqual(self._dice(second, truth), self._dice(first, truth) - 0.05)
+        self.assertTrue(self.logic.undo(segNode))
+        self.assertTrue(np.array_equal(self._result(volumeNode, segNode, segId), corrected), "undo must restore")
+
+    def test_CancelKeepsWork(self):
+        self.delayDisplay("Cancel keeps the slices done so far")
+        volumeNode, segNode, segId, _otherId, truth = self._syntheticScene()
+        k = int(np.argmax(truth.sum(axis=(1, 2))))
+        self._drawSlice(truth, k, volumeNode, segNode, segId)
+        summary = self.logic.segment(volumeNode, segNode, segId, PROMPT_MASK,
+                                     progressCallback=lambda result=None, message=None: result is None or result.done < 3)
+        self.assertTrue(summary["cancelled"])
+        self.assertEqual(summary["computed"], 3)
+        result = self._result(volumeNode, segNode, segId)
+        self.assertLessEqual(int(result.any(axis=(1, 2)).sum()), 4)
+
+    def test_OnePromptMode(self):
+        self.delayDisplay("One-Prompt mode: a template patient segments another volume")
+        volumeNode, segNode, segId, _otherId, truth = self._syntheticScene(seed=8)
+        templateNode, templateSegNode, templateSegId, _o, templateTruth = self._syntheticScene(seed=7)
+        k = int(np.argmax(templateTruth.sum(axis=(1, 2))))
+        self._drawSlice(templateTruth, k, templateNode, templateSegNode, templateSegId)
+        self.logic.segment(volumeNode, segNode, segId, PROMPT_MASK, templateVolumeNode=templateNode,
+                           templateSegmentationNode=templateSegNode, templateSegmentId=templateSegId)
+        self.assertGreater(self._dice(self._result(volumeNode, segNode, segId), truth), self.MIN_DICE["oneprompt"])
+
+    def test_MRHead(self):
+        self.delayDisplay("MRHead sample: mask and point prompts, undo")
+        import SampleData
+        volumeNode = SampleData.downloadSample("MRHead")
+        segNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode")
+        segNode.SetReferenceImageGeometryParameterFromVolumeNode(volumeNode)
+        segId = segNode.GetSegmentation().AddEmptySegment("brain", "brain")
+        image = slicer.util.arrayFromVolume(volumeNode)
+        naxis = 2 - self.logic.sliceAxis("Red", self.logic.ijkToWorld(volumeNode))
+        index = [slice(None)] * 3
+        index[naxis] = image.shape[naxis] // 2
+        index = tuple(index)
+        plane = image[index]
+        rr, cc = np.ogrid[:plane.shape[0], :plane.shape[1]]
+        disk = (rr - plane.shape[0] / 2) ** 2 + (cc - plane.shape[1] / 2) ** 2 < (min(plane.shape) / 6) ** 2
+        drawn = np.zeros(image.shape, np.uint8)
+        drawn[index] = disk & (plane > np.percentile(plane, 60))
+        slicer.util.updateSegmentBinaryLabelmapFromArray(drawn, segNode, segId, volumeNode)
+        summary = self.logic.segment(volumeNode, segNode, segId, PROMPT_MASK, sliceView="Red")
+        result = self._result(volumeNode, segNode, segId)
+        self.assertTrue(np.array_equal(result[index], drawn[index]), "the drawn slice must not change")
+        self.assertGreater(int(result.any(axis=tuple(d for d in range(3) if d != naxis)).sum()), 3)
+        self.assertLess(result.sum(), 0.25 * result.size)
+        self.assertGreater(summary["computed"], 3)
+        self.assertTrue(self.logic.undo(segNode))
+        self.assertTrue(np.array_equal(self._result(volumeNode, segNode, segId), drawn))
+        # A click in the middle of the drawn region segments its slice.
+        kji = np.argwhere(drawn).mean(axis=0)
+        points = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "positive")
+        points.AddControlPoint((self.logic.ijkToWorld(volumeNode) @ [kji[2], kji[1], kji[0], 1.0])[:3])
+        self.logic.segment(volumeNode, segNode, segId, PROMPT_POINTS, sliceView="Red", positivePoints=points)
+        self.assertTrue(self._result(volumeNode, segNode, segId)[index].any())
+
+    def test_SegmentEditorEffect(self):
+        self.delayDisplay("The OnePrompt effect writes through the Segment Editor, with undo")
+        volumeNode, segNode, segId, otherId, truth = self._syntheticScene()
+        k = int(np.argmax(truth.sum(axis=(1, 2))))
+        self._drawSlice(truth, k, volumeNode, segNode, segId)
+        editor = slicer.qMRMLSegmentEditorWidget()
+        editor.setMRMLScene(slicer.mrmlScene)
+        editor.setMRMLSegmentEditorNode(slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentEditorNode"))
+        editor.setSegmentationNode(segNode)
+        editor.setSourceVolumeNode(volumeNode)
+        editor.setCurrentSegmentID(segId)
+        if "OnePrompt" not in editor.availableEffectNames():
+            registerEditorEffect()
+            editor.updateEffectList()
+        editor.setActiveEffectByName("OnePrompt")
+        effect = editor.activeEffect()
+        self.assertIsNotNone(effect)
+        before = self._result(volumeNode, segNode, segId).copy()
+        effect.self().onPropagate()
+        result = self._result(volumeNode, segNode, segId)
+        self.assertTrue(np.array_equal(result[k], truth[k]))
+        self.assertGreater(self._dice(result, truth), self.MIN_DICE["mask"])
+        editor.undo()
+        self.assertTrue(np.array_equal(self._result(volumeNode, segNode, segId), before), "Undo must restore")
+        editor.setActiveEffectByName("")
