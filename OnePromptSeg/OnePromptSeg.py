@@ -439,7 +439,7 @@ class OnePromptSegLogic(ScriptedLoadableModuleLogic):
         key = (modelName or "", device)
         if self._model is not None and self._modelKey == key:
             return self._model
-        nameOrPath = modelName or None
+        nameOrPath, expectedSha = modelName or None, None
         for entry in self.availableModels():
             if entry["name"] == modelName and entry.get("url") and not os.path.exists(entry["path"]):
                 import SampleData
@@ -450,9 +450,9 @@ class OnePromptSegLogic(ScriptedLoadableModuleLogic):
                     raise CheckpointError(_("Downloading {name} from {url} failed or the file did not match its "
                                             "checksum: check the network connection and try again, or use the "
                                             "default model.").format(name=modelName, url=entry["url"]))
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*not listed in the weights manifest.*")  # checksum verified
-            self._model = load_model(nameOrPath, device=device, manifest_path=self.manifestPath())
+                expectedSha = entry["sha256"]
+        self._model = load_model(nameOrPath, device=device, manifest_path=self.manifestPath(),
+                                 expected_sha256=expectedSha)
         self._modelKey = key
         return self._model
 
@@ -525,13 +525,6 @@ class OnePromptSegLogic(ScriptedLoadableModuleLogic):
         return image
 
     @staticmethod
-    def drawnAxis(array):
-        """IJK axis of a drawing made on single slices: the axis along which it covers the fewest slices."""
-        counts = [int(array.any(axis=tuple(d for d in range(3) if d != 2 - a)).sum()) for a in range(3)]
-        best = min(counts)
-        return counts.index(best) if best > 0 and counts.count(best) == 1 else None
-
-    @staticmethod
     def _pointsWorld(markupsNode: vtkMRMLMarkupsFiducialNode):
         points = []
         if markupsNode is not None:
@@ -565,13 +558,7 @@ class OnePromptSegLogic(ScriptedLoadableModuleLogic):
             allPoints = np.concatenate([pos, neg])
             labels = [1] * len(pos) + [0] * len(neg)
             ijk = np.atleast_2d(geometry.ras_to_ijk(allPoints, ijkToWorld))
-            slices = [geometry.slice_index_for_ras(p, ijkToWorld, axis) for p in allPoints]
-            clicks = []
-            for s in sorted({sl for sl, lab in zip(slices, labels) if lab == 1}):  # one prompt per slice
-                members = [n for n, sl in enumerate(slices) if sl == s]
-                pts = [tuple(ijk[n][:axis]) + (float(s),) + tuple(ijk[n][axis + 1:]) for n in members]
-                clicks.append(prompts.Click.from_ijk(pts, [labels[n] for n in members], axis))
-            return clicks, set()
+            return prompts.clicks_by_slice(ijk, labels, axis), set()
         if promptType == PROMPT_BOX:
             if roiNode is None:
                 raise prompts.PromptError(_("Select or place a markups ROI around the structure on one slice."))
@@ -711,25 +698,14 @@ class OnePromptSegLogic(ScriptedLoadableModuleLogic):
         finally:
             generator.close()
         current = self.segmentArray(segmentationNode, segmentId, volumeNode)
-        merged = self.mergeResult(current, run.session.result, run.axis,
-                                  set(computed) | set(run.session.anchors), run.drawn)
+        from OnePromptSegLib.engine import merge_into
+        merged = merge_into(current, run.session.result, run.axis, set(computed) | set(run.session.anchors), run.drawn)
         (writer or self.writeSegment)(merged, volumeNode, segmentationNode, segmentId)
         run.written = self.segmentArray(segmentationNode, segmentId, volumeNode)
         return {"computed": len(computed), "cancelled": cancelled, "axis": run.axis,
                 "anchors": sorted(int(a) for a in run.session.anchors), "drawn": sorted(run.drawn),
                 "device": str(getattr(run.session.model, "device", "?")),
                 "model": getattr(run.session.model, "name", "?")}
-
-    @staticmethod
-    def mergeResult(current, result, axis, slicesToWrite, drawnSlices):
-        """``current`` with ``result`` on ``slicesToWrite`` (IJK ``axis``), never on the drawn slices."""
-        merged = np.array(current, dtype=np.uint8, copy=True)
-        naxis = 2 - axis
-        for s in sorted(set(slicesToWrite) - set(drawnSlices)):
-            index = [slice(None)] * 3
-            index[naxis] = s
-            merged[tuple(index)] = result[tuple(index)] > 0
-        return merged
 
     def writeSegment(self, array, volumeNode: vtkMRMLScalarVolumeNode, segmentationNode: vtkMRMLSegmentationNode,
                      segmentId):

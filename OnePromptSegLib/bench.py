@@ -14,7 +14,6 @@ import argparse
 import glob
 import json
 import os
-import sys
 import time
 import warnings
 from typing import Dict, List, Optional

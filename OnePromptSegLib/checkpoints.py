@@ -8,7 +8,6 @@ warning instead of failing the user's run.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import warnings
@@ -21,8 +20,13 @@ import torch
 
 from .model import ModelConfig, OnePromptNet
 
+from .manifest import (_PKG_DIR, CheckpointError, _read_manifest, checkpoint_path, default_manifest_path,
+                       list_models, sha256_file)
+
+__all__ = ["CheckpointError", "DeviceFallbackWarning", "LoadedModel", "add_manifest_entry", "checkpoint_path",
+           "default_manifest_path", "list_models", "load_model", "resolve_device", "save_weights", "sha256_file"]
+
 FORMAT = "onepromptseg-weights/1"
-_PKG_DIR = os.path.dirname(os.path.abspath(__file__))
 
 #: What the bundled checkpoints were trained on, with each source's licence as stated (../shared/data/MANIFEST.md).
 TRAINING_DATA = [
@@ -43,60 +47,8 @@ TRAINING_DATA = [
 ]
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint cannot be used; the message names the file and the fix."""
-
-
 class DeviceFallbackWarning(UserWarning):
     """The requested accelerator failed; the model runs on the CPU instead."""
-
-
-def default_manifest_path() -> str:
-    """``$ONEPROMPTSEG_MANIFEST``, else ``weights_manifest.json`` beside the package (repo root or module dir)."""
-    env = os.environ.get("ONEPROMPTSEG_MANIFEST")
-    if env:
-        return env
-    for cand in (os.path.join(_PKG_DIR, "..", "weights_manifest.json"), os.path.join(_PKG_DIR, "weights_manifest.json")):
-        if os.path.exists(cand):
-            return os.path.abspath(cand)
-    return os.path.abspath(os.path.join(_PKG_DIR, "..", "weights_manifest.json"))
-
-
-def _read_manifest(manifest_path: Optional[str]) -> Tuple[Dict[str, Any], str]:
-    path = manifest_path or default_manifest_path()
-    if not os.path.exists(path):
-        return {"models": []}, path
-    try:
-        with open(path) as f:
-            return json.load(f), path
-    except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: cannot read the weights manifest ({e}); restore it from the release") from e
-
-
-def list_models(manifest_path: Optional[str] = None) -> List[Dict[str, Any]]:
-    """Manifest entries, each with 'default' set and 'path' resolved to where the file is expected."""
-    man, path = _read_manifest(manifest_path)
-    out = []
-    for e in man.get("models", []):
-        e = dict(e)
-        e["default"] = e.get("name") == man.get("default")
-        e["path"] = checkpoint_path(e, path)
-        out.append(e)
-    return out
-
-
-def checkpoint_path(entry: Dict[str, Any], manifest_path: Optional[str] = None) -> str:
-    """Where the entry's file is expected: relative to the manifest's folder."""
-    base = os.path.dirname(os.path.abspath(manifest_path or default_manifest_path()))
-    return os.path.normpath(os.path.join(base, entry["file"]))
-
-
-def sha256_file(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -239,10 +191,15 @@ def _find_entry(name_or_path: Optional[str], manifest_path: Optional[str]) -> Tu
     raise CheckpointError(f"no checkpoint named {name_or_path!r} in {mpath} (known: {known}); pass a name or a file path")
 
 
-def load_model(name_or_path: Optional[str] = None, device: str = "auto",
-               manifest_path: Optional[str] = None) -> LoadedModel:
-    """Verify and load a checkpoint by manifest name (None = default) or path, onto ``device``."""
+def load_model(name_or_path: Optional[str] = None, device: str = "auto", manifest_path: Optional[str] = None,
+               expected_sha256: Optional[str] = None) -> LoadedModel:
+    """Verify and load a checkpoint by manifest name (None = default) or path, onto ``device``.
+
+    ``expected_sha256`` checks a file that is not in the manifest (e.g. downloaded into a cache by its entry).
+    """
     entry, path = _find_entry(name_or_path, manifest_path)
+    if expected_sha256 and not entry.get("sha256"):
+        entry = dict(entry, sha256=expected_sha256)
     label = entry.get("name", os.path.basename(path))
     if not os.path.exists(path):
         hint = f"download it from {entry['url']}" if entry.get("url") else "reinstall OnePromptSeg to restore it"

@@ -10,8 +10,6 @@ from dataclasses import dataclass
 from typing import Optional, Sequence, Tuple
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 
 @dataclass(frozen=True)
@@ -61,6 +59,9 @@ def _window(box: CropBox, shape: Tuple[int, int]) -> Tuple[int, int, int, int]:
 
 def extract(img: np.ndarray, box: CropBox, size: int, mode: str = "bilinear") -> np.ndarray:
     """Resample the box of a 2D array to (size, size) float32; outside the slice reads as 0."""
+    import torch  # imported here so that prompts (and the Slicer panel) work before torch is installed
+    import torch.nn.functional as F
+
     r0, r1, c0, c1 = _window(box, img.shape)
     H, W = img.shape
     out = np.zeros((r1 - r0, c1 - c0), np.float32)
@@ -93,6 +94,9 @@ def paste(prob: np.ndarray, box: CropBox, shape: Tuple[int, int]) -> Tuple[np.nd
     Returns the values over the part of the slice the box covers and the (row, col) slices locating it, so callers
     write only that window instead of allocating a full-slice float array.
     """
+    import torch
+    import torch.nn.functional as F
+
     size = prob.shape[0]
     r0, r1, c0, c1 = _window(box, shape)
     ar0, ar1, ac0, ac1 = max(r0, 0), min(r1, shape[0]), max(c0, 0), min(c1, shape[1])

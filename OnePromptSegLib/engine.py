@@ -31,12 +31,11 @@ from dataclasses import dataclass
 from typing import Dict, Iterator, List, Optional, Sequence, Set, Tuple
 
 import numpy as np
-from scipy import ndimage as ndi
 
 from .checkpoints import LoadedModel
 from .crops import CropBox, crop_around, extract, paste
 from .io import normalize, robust_range
-from .prompts import (KIND_INDEX, AxisLike, BBox, Click, Doodle, MaskPrompt, Prompt, PromptError, ijk_axis,
+from .prompts import (KIND_INDEX, AxisLike, BBox, MaskPrompt, Prompt, PromptError, ijk_axis,
                       numpy_axis, prompt_points, render_prompt_maps, validate)
 from .ssim import blurred_ssim
 
@@ -57,6 +56,26 @@ class EngineSettings:
     margin: float = 0.6  #: crop margin on each side, as a fraction of the object's extent
     min_area_px: int = 3  #: a prediction smaller than this (pixels) counts as empty
     ssim_sigma: float = 1.0  #: blur (pixels at the model's input size) before SSIM
+
+
+class SeedWarning(UserWarning):
+    """One-Prompt mode chose a seed slice in this volume (the message says which and with what quality)."""
+
+
+def merge_into(current: np.ndarray, result: np.ndarray, axis: AxisLike, slices: Sequence[int],
+               protected: Sequence[int]) -> np.ndarray:
+    """``current`` (k,j,i) with ``result`` written on ``slices`` along ``axis``, never on ``protected`` slices.
+
+    How a caller (the Slicer module) writes a propagation into a segment that may hold other work: slices the engine
+    did not compute and slices the user drew keep their content.
+    """
+    merged = np.array(current, dtype=np.uint8, copy=True)
+    a = numpy_axis(axis)
+    for s in sorted(set(int(k) for k in slices) - set(int(k) for k in protected)):
+        idx = [slice(None)] * 3
+        idx[a] = s
+        merged[tuple(idx)] = result[tuple(idx)] > 0
+    return merged
 
 
 @dataclass
@@ -97,6 +116,7 @@ class PropagationSession:
         self._valid: Set[int] = set()
         self._references: List[_Reference] = []
         self.result: Optional[np.ndarray] = None
+        self.seed_slice: Optional[int] = None  #: the slice One-Prompt mode seeded from, if it did
 
     # ------------------------------------------------------------------------------------------ set-up
     def set_volume(self, volume: np.ndarray, axis: AxisLike = "k",
@@ -435,4 +455,5 @@ class PropagationSession:
         self._set_result(s, mask)
         self.quality[s] = best[0]
         self._valid.add(s)
-        warnings.warn(f"One-Prompt mode: seeded from slice {s} (quality {best[0]:.2f})")
+        self.seed_slice = s
+        warnings.warn(f"One-Prompt mode: seeded from slice {s} (quality {best[0]:.2f})", SeedWarning)

@@ -187,6 +187,32 @@ def masks_from_label_volume(labels: np.ndarray, axis: AxisLike, label: Optional[
     return [MaskPrompt(int(s), np.take(fg, int(s), axis=a)) for s in present]
 
 
+def clicks_by_slice(points_ijk: Sequence[Sequence[float]], labels: Sequence[int], axis: AxisLike) -> List[Click]:
+    """One Click per slice that holds a positive point; negative points join their slice's prompt.
+
+    Points are voxel indices (i, j, k), e.g. from Slicer's point lists; negatives on a slice without a positive point
+    are dropped (they cannot prompt anything on their own).
+    """
+    if len(points_ijk) != len(labels):
+        raise PromptError("click points and labels differ in number")
+    by_slice: dict = {}
+    for p, lab in zip(points_ijk, labels):
+        s, r, c = ijk_to_slice(p, axis)
+        by_slice.setdefault(s, []).append(((r, c), int(lab)))
+    return [Click(s, [pt for pt, _ in items], [lab for _, lab in items])
+            for s, items in sorted(by_slice.items()) if any(lab == 1 for _, lab in items)]
+
+
+def drawn_axis(labels: np.ndarray) -> Optional[int]:
+    """The IJK axis a drawing made slice by slice lies on: the axis along which it covers the fewest slices.
+
+    None when the drawing is empty or two axes tie (then the caller must ask which view was used).
+    """
+    counts = [int(np.asarray(labels).any(axis=tuple(d for d in range(3) if d != 2 - a)).sum()) for a in range(3)]
+    best = min(counts)
+    return counts.index(best) if best > 0 and counts.count(best) == 1 else None
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Rendering: prompt -> four maps (positive, negative, box, mask) on a crop, the model's input.
 

@@ -6,7 +6,7 @@ import pytest
 from conftest import bright_object_volume
 
 from OnePromptSegLib.bench import dice
-from OnePromptSegLib.engine import EngineSettings, PropagationSession
+from OnePromptSegLib.engine import EngineSettings, PropagationSession, SeedWarning, merge_into
 from OnePromptSegLib.prompts import BBox, Click, Doodle, MaskPrompt, PromptError
 
 
@@ -154,6 +154,17 @@ def test_errors_are_clear(oracle):
         s.set_volume(img[0], "k")
 
 
+def test_merge_into_protects_drawn_slices():
+    current = np.zeros((4, 3, 3), np.uint8)
+    current[1] = 1
+    current[3] = 1
+    result = np.ones((4, 3, 3), np.uint8)
+    result[1] = 0
+    merged = merge_into(current, result, "k", {0, 1, 2}, {1, 2})
+    assert merged[0].all() and merged[1].all() and not merged[2].any() and merged[3].all()
+    assert current[0].sum() == 0  # the input is not modified
+
+
 # ---------------------------------------------------------------------------------------------- the real model
 
 def test_real_model_propagates_one_mask_prompt(model, demo):
@@ -197,6 +208,7 @@ def test_one_prompt_transfer_from_another_volume(model):
     k = int(ref_truth.sum(axis=(1, 2)).argmax())
     s = _session(model, img, spacing=sp)
     s.add_reference(ref_img, MaskPrompt(k, ref_truth[k].astype(bool)), "k", sp)
-    with pytest.warns(UserWarning, match="seeded from slice"):
+    with pytest.warns(SeedWarning, match="seeded from slice"):
         list(s.propagate())
+    assert s.seed_slice is not None and truth[s.seed_slice].any()
     assert dice(s.result, truth) >= 0.6

@@ -384,18 +384,6 @@ def test_errors_are_clear(module, logic, scene):
         logic.repropagate(volume, empty, "lesion")
 
 
-def test_merge_and_drawn_axis_helpers(module):
-    current = np.zeros((4, 3, 3), np.uint8)
-    current[1] = 1
-    result = np.ones((4, 3, 3), np.uint8)
-    merged = module.OnePromptSegLogic.mergeResult(current, result, 2, {0, 1, 2}, {1, 2})
-    assert merged[0].all() and merged[1].all() and not merged[2].any() and not merged[3].any()
-    drawing = np.zeros((10, 20, 30), np.uint8)
-    drawing[4, 5:15, 3:20] = 1
-    assert module.OnePromptSegLogic.drawnAxis(drawing) == 2
-    assert module.OnePromptSegLogic.drawnAxis(np.zeros_like(drawing)) is None
-
-
 def test_parameter_node_defaults_are_valid_choices(module):
     pn = module.OnePromptSegParameterNode
     assert pn.promptType in module.PROMPT_TYPES and pn.direction in module.DIRECTIONS

@@ -6,8 +6,9 @@ import pytest
 
 from OnePromptSegLib.bench import dice
 from OnePromptSegLib.crops import CropBox, crop_around, extract, paste
-from OnePromptSegLib.prompts import (BBox, Click, Doodle, MaskPrompt, PromptError, ijk_to_slice,
-                                     masks_from_label_volume, render_prompt_maps, slice_shape, validate)
+from OnePromptSegLib.prompts import (BBox, Click, Doodle, MaskPrompt, PromptError, clicks_by_slice, drawn_axis,
+                                     ijk_to_slice, masks_from_label_volume, render_prompt_maps, slice_shape,
+                                     validate)
 
 SHAPE = (20, 50, 60)  # (k, j, i)
 
@@ -106,3 +107,25 @@ def test_crop_is_square_in_millimetres():
     rows = np.flatnonzero(crop.max(1) > 0.5)
     cols = np.flatnonzero(crop.max(0) > 0.5)
     assert abs(len(rows) - len(cols)) <= 2  # a square object stays square for the model
+
+
+def test_clicks_grouped_by_slice():
+    pts = [(10, 20, 3), (12, 22, 3.2), (5, 5, 7), (1, 1, 9)]
+    clicks = clicks_by_slice(pts, [1, 0, 1, 0], "k")
+    assert [c.slice_index for c in clicks] == [3, 7]  # the lone negative on slice 9 cannot prompt anything
+    assert clicks[0].labels == [1, 0] and clicks[0].points[1] == (22.0, 12.0)
+    with pytest.raises(PromptError, match="differ"):
+        clicks_by_slice(pts, [1], "k")
+
+
+def test_drawn_axis():
+    d = np.zeros((10, 20, 30), np.uint8)
+    d[4, 5:15, 3:20] = 1
+    assert drawn_axis(d) == 2  # drawn on one k slice
+    d2 = np.zeros_like(d)
+    d2[2:8, 5:15, 11] = 1
+    assert drawn_axis(d2) == 0  # drawn on one i slice (sagittal)
+    assert drawn_axis(np.zeros_like(d)) is None
+    cube = np.zeros_like(d)
+    cube[2:5, 2:5, 2:5] = 1
+    assert drawn_axis(cube) is None  # ambiguous

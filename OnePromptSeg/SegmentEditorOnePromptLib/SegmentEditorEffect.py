@@ -177,7 +177,8 @@ Undo restores the previous state. Not for clinical use.</html>""")
         viewName = self.scriptedEffect.parameter("SliceView")
         if viewName in ("Red", "Yellow", "Green"):
             return logic.sliceAxis(viewName, logic.ijkToWorld(volumeNode))
-        axis = logic.drawnAxis(logic.segmentArray(segmentationNode, segmentId, volumeNode))
+        from OnePromptSegLib.prompts import drawn_axis  # importable once the OnePromptSeg module set the path
+        axis = drawn_axis(logic.segmentArray(segmentationNode, segmentId, volumeNode))
         if axis is not None:
             return axis
         return logic.sliceAxis(self._lastViewName or "Red", logic.ijkToWorld(volumeNode))
