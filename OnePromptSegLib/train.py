@@ -204,14 +204,21 @@ def sample_pair(rng: np.random.Generator, tv: TaskVolume, size: int, max_extra: 
     zs = np.flatnonzero(area > 0)
     z = int(rng.choice(zs, p=np.sqrt(area[zs]) / np.sqrt(area[zs]).sum()))
     shape = tv.image.shape[1:]
-    tmask = fg3[z]
     interactive = rng.random() < 0.3
+    ends = ([(int(zs.min()), -1)] if zs.min() > 0 else []) + ([(int(zs.max()), 1)] if zs.max() < D - 1 else [])
     if interactive:
         kind = ["click", "box", "doodle", "click"][rng.integers(4)]
         qz = z
     else:
         kind = "mask" if rng.random() < 0.85 else ["click", "box", "doodle"][rng.integers(3)]
-        if rng.random() < 0.08 and (zs.min() > 0 or zs.max() < D - 1):
+        r = rng.random()
+        if r < 0.12 and ends:
+            # Where propagation must stop: template on one of the object's last slices, query just past its end.
+            zend, sgn = ends[rng.integers(len(ends))]
+            z = zend - sgn * int(rng.integers(0, 3))
+            z = z if area[z] > 0 else zend
+            qz = int(np.clip(zend + sgn * int(rng.integers(1, 4)), 0, D - 1))
+        elif r < 0.17 and ends:
             outside = [k for k in range(D) if area[k] == 0 and abs(k - z) <= 12]
             qz = int(rng.choice(outside)) if outside else z
         else:
@@ -220,6 +227,7 @@ def sample_pair(rng: np.random.Generator, tv: TaskVolume, size: int, max_extra: 
             qz = int(np.clip(z + d, 0, D - 1))
             if qz == z:
                 qz = int(np.clip(z - d, 0, D - 1))
+    tmask = fg3[z]
     box = _crop_for(rng, tmask, shape, tv.spacing, loose=(kind == "click" and rng.random() < 0.5))
     gamma = rng.uniform(0.7, 1.4)
 
