@@ -50,7 +50,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                         b = normalize(extract(vol.array[z + d], box, a.size), lo, hi)
                         sims[d].append(blurred_ssim(a0, b, st.ssim_sigma))
     rows = {d: dict(n=len(v), p01=round(float(np.quantile(v, 0.01)), 3), p05=round(float(np.quantile(v, 0.05)), 3),
-                    p25=round(float(np.quantile(v, 0.25)), 3), median=round(float(np.median(v)), 3))
+                    p25=round(float(np.quantile(v, 0.25)), 3), median=round(float(np.median(v)), 3),
+                    below_0_6=round(float(np.mean(np.asarray(v) < 0.6)), 3))
             for d, v in sims.items() if v}
     thr = round(float(np.quantile(sims[1], a.quantile)), 3)
     out = dict(offsets=rows, quantile=a.quantile, threshold=thr)

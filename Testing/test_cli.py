@@ -145,3 +145,32 @@ def test_console_script_and_demo(tmp_path):
     r = subprocess.run([exe, "propagate", "nothing.nii.gz", "--click", "1,1,1", "-o", str(tmp_path / "x.nii.gz")],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and r.stderr.count("\n") == 1
+
+
+def test_bench_and_speed_commands(tmp_path, capsys):
+    """The benchmark on a generated two-case dataset reproduces the protocol's fields; speed reports memory."""
+    import json
+
+    from OnePromptSegLib.synth import make_demo_volume
+
+    ds = tmp_path / "data" / "synthetic"
+    ds.mkdir(parents=True)
+    for seed in (3, 11):
+        img, truth, sp = make_demo_volume(shape=(24, 96, 96), seed=seed)
+        _write(img.astype(np.int16), ds / f"case{seed}_img.nii.gz", sp)
+        _write(truth.astype(np.uint8), ds / f"case{seed}_lbl.nii.gz", sp)
+    out = tmp_path / "bench.json"
+    code, stdout, err = run(["bench", tmp_path / "data", "--kinds", "mask,box", "--transfer", "--max-anchors", 4,
+                             "--json", out], capsys)
+    assert code == 0, err
+    res = json.load(open(out))
+    s = res["summary"]
+    assert s["tasks"] == 2 and 0.0 <= s["dice1"] <= 1.0 and s["dice1"] >= 0.7
+    assert s["win10"] >= s["dice1"] - 0.05 and s["box_first"] >= 0.6 and s["transfer_pairs"] == 2
+    for r in [r for r in res["rows"] if "dice1" in r]:
+        assert r["noi90"] is None or 1 <= r["noi90"] <= 4
+        assert r["ms_per_slice"] > 0
+    code, stdout, err = run(["speed", "--shape", "12,64,64"], capsys)
+    assert code == 0, err
+    sp = json.loads(stdout.strip().splitlines()[-1])
+    assert sp["slices"] == 11 and sp["peak_rss_mb"] > 0 and sp["dice"] > 0.5
