@@ -33,7 +33,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-reprompt", action="store_true")
     p.add_argument("--max-templates", type=int, default=None)
     p.add_argument("--no-stop", action="store_true")
+    p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                   help="any EngineSettings field, e.g. --set min_quality=0.2 (calibration sweeps)")
     p.add_argument("--json", default="", help="write rows and summary to this file")
+    p.add_argument("--figure", default="", help="PNG of the worst single-prompt task: truth green, result red")
     p.set_defaults(func=cmd_bench)
 
 
@@ -144,8 +147,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
         settings.max_templates = args.max_templates
     if args.no_stop:
         settings.stop_after_empty = 10 ** 9
+    for item in args.set:
+        name, _, value = item.partition("=")
+        if name not in EngineSettings.__dataclass_fields__:
+            raise PromptError(f"--set {item}: unknown setting (known: {', '.join(EngineSettings.__dataclass_fields__)})")
+        kind = type(getattr(settings, name))
+        setattr(settings, name, value.lower() in ("1", "true", "yes") if kind is bool else kind(value))
     kinds = [k for k in args.kinds.split(",") if k]
     rows: List[Dict] = []
+    worst = None
     loaded = {}
     t_all = time.time()
     step_times: List[float] = []
@@ -166,6 +176,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
             step_times.append((time.time() - t0) / max(n, 1))
             pred = sess.result
             row["dice1"] = round(dice(pred, gt), 4)
+            if args.figure and (worst is None or row["dice1"] < worst[0]):
+                worst = (row["dice1"], vol.array, gt, pred.copy())
             lo, hi = max(0, k0 - 10), min(gt.shape[0], k0 + 11)
             row["win10"] = round(dice(pred[lo:hi], gt[lo:hi]), 4)
             anchors = [k0]
@@ -244,7 +256,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
         summ["transfer_dice"] = round(float(np.mean(tr)), 4)
         summ["transfer_pairs"] = len(tr)
     print(json.dumps(summ), flush=True)
-    if args.json:
+    if args.figure and worst is not None:
+        from .cli import write_preview
+        write_preview(args.figure, worst[1], worst[3], 2, truth=worst[2])
         with open(args.json, "w") as f:
             json.dump(dict(summary=summ, rows=rows, settings=vars(settings)), f, indent=1)
     return 0

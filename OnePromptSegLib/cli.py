@@ -117,14 +117,15 @@ class Progress:
         self.stream.flush()
 
 
-def write_preview(path: str, image: np.ndarray, mask: np.ndarray, axis: int, n: int = 12) -> None:
-    """A PNG montage of up to ``n`` slices through the object with the mask outlined in red."""
+def write_preview(path: str, image: np.ndarray, mask: np.ndarray, axis: int, n: int = 12,
+                  truth: Optional[np.ndarray] = None) -> None:
+    """A PNG montage of up to ``n`` slices through the object with the mask outlined in red (truth in green)."""
     from scipy import ndimage as ndi
     from skimage.io import imsave
 
     a = numpy_axis(axis)
     other = tuple(d for d in range(3) if d != a)
-    present = np.flatnonzero(mask.any(axis=other))
+    present = np.flatnonzero((mask if truth is None else (mask > 0) | (truth > 0)).any(axis=other))
     picks = np.linspace(present.min(), present.max(), min(n, len(present))).round().astype(int) if len(present) else \
         np.linspace(0, image.shape[a] - 1, min(n, image.shape[a])).round().astype(int)
     lo, hi = np.percentile(image, [1, 99])
@@ -134,6 +135,9 @@ def write_preview(path: str, image: np.ndarray, mask: np.ndarray, axis: int, n: 
         m = np.take(mask, s, a).astype(bool)
         edge = m & ~ndi.binary_erosion(m)
         rgb = np.stack([im, im, im], -1)
+        if truth is not None:
+            t = np.take(truth, s, a).astype(bool)
+            rgb[t & ~ndi.binary_erosion(t)] = (0.1, 0.9, 0.1)
         rgb[edge] = (1.0, 0.1, 0.1)
         tiles.append((rgb * 255).astype(np.uint8))
     cols = min(4, len(tiles))

@@ -195,8 +195,14 @@ def _deform(rng: np.random.Generator, img: np.ndarray, tgt: np.ndarray) -> Tuple
     return img.astype(np.float32), (tgt > 0.5).astype(np.float32)
 
 
-def sample_pair(rng: np.random.Generator, tv: TaskVolume, size: int, max_extra: int = 2):
-    """One training example: query, templates, prompt maps, kinds, target (all at ``size``)."""
+def sample_pair(rng: np.random.Generator, tv: TaskVolume, size: int, max_extra: int = 2,
+                predict=None, rollout: float = 0.0):
+    """One training example: query, templates, prompt maps, kinds, target (all at ``size``).
+
+    With ``predict`` (crop -> probabilities) and probability ``rollout``, a mask prompt is the model's own binarised
+    prediction of the template slice from a slice 1-3 further back, as in propagation, instead of a corrupted truth:
+    the model learns to recover from its own errors rather than drift.
+    """
     ls = tv.label_sets[rng.integers(len(tv.label_sets))]
     D = tv.image.shape[0]
     fg3 = np.isin(tv.labels, ls)
@@ -234,8 +240,22 @@ def sample_pair(rng: np.random.Generator, tv: TaskVolume, size: int, max_extra: 
     def img_crop(k: int) -> np.ndarray:
         return np.clip(extract(tv.image[k], box, size) / 255.0, 0, 1) ** gamma
 
-    templates, prompts, kinds = [img_crop(z)], [render_prompt_maps(simulate_prompt(rng, tmask, kind, z), box, size)], \
-        [KIND_INDEX[kind]]
+    first = simulate_prompt(rng, tmask, kind, z)
+    if predict is not None and kind == "mask" and not interactive and qz != z and rng.random() < rollout:
+        back = int(np.sign(z - qz))  # the template's predecessor lies away from the query
+        zp = int(np.clip(z + back * rng.integers(1, 4), 0, D - 1))
+        if zp != z and area[zp] > 0:
+            pm = render_prompt_maps(MaskPrompt(zp, fg3[zp]), box, size)
+            timg = img_crop(z)
+            prob = predict(timg, img_crop(zp), pm)
+            own = prob > 0.5
+            if own.any():
+                first = None
+                own_maps = np.zeros_like(pm)
+                own_maps[3] = own
+    templates = [img_crop(z)]
+    prompts = [render_prompt_maps(first, box, size) if first is not None else own_maps]
+    kinds = [KIND_INDEX[kind]]
     if not interactive and rng.random() < 0.35:
         for _ in range(int(rng.integers(1, max_extra + 1))):
             ez = int(np.clip(z - np.sign(qz - z + 1e-9) * rng.integers(1, 10), 0, D - 1))
@@ -264,11 +284,12 @@ def _augment(rng: np.random.Generator, arrs: List[np.ndarray]) -> List[np.ndarra
     return out
 
 
-def make_batch(rng: np.random.Generator, sources: List[TaskVolume], batch: int, size: int):
+def make_batch(rng: np.random.Generator, sources: List[TaskVolume], batch: int, size: int, predict=None,
+               rollout: float = 0.0):
     qs, ts, ps, ks, ys = [], [], [], [], []
     for _ in range(batch):
         tv = sources[rng.integers(len(sources))]
-        q, t, p, k, y = sample_pair(rng, tv, size)
+        q, t, p, k, y = sample_pair(rng, tv, size, predict=predict, rollout=rollout)
         q, t, p, y = _augment(rng, [q, t, p, y])
         qs.append(q); ts.append(t); ps.append(p); ks.append(k); ys.append(y)
     K = max(len(k) for k in ks)
@@ -324,6 +345,11 @@ def train(args: argparse.Namespace) -> None:
         rng = np.random.default_rng([args.seed, step])
         torch.manual_seed(args.seed + step)
         print(f"resumed from {ckpt} at step {step}", flush=True)
+    if args.init and not os.path.exists(ckpt):
+        st = torch.load(args.init, map_location="cpu", weights_only=False)  # our own run file
+        own = model.state_dict()
+        model.load_state_dict({k: v for k, v in st["model"].items() if k in own})
+        print(f"initialised from {args.init} (step {st['step']})", flush=True)
     real = load_real_volumes(args.data) if args.data else []
     print(f"{count_parameters(model)} parameters; {len(real)} real task volumes", flush=True)
     synth = [synth_volume(rng) for _ in range(args.synth_pool)]
@@ -342,7 +368,8 @@ def train(args: argparse.Namespace) -> None:
         for g in opt.param_groups:
             g["lr"] = max(lr, args.lr * 0.02)
         use_real = real and rng.random() < args.real_frac
-        q, T, P, Kd, V, y = make_batch(rng, real if use_real else synth, args.batch, args.size)
+        predict = _own_prediction(model) if args.rollout > 0 else None
+        q, T, P, Kd, V, y = make_batch(rng, real if use_real else synth, args.batch, args.size, predict, args.rollout)
         logits, qual = model(q, T, P, Kd, V)
         loss, dice = loss_fn(logits, qual, y)
         opt.zero_grad(set_to_none=True)
@@ -365,6 +392,19 @@ def train(args: argparse.Namespace) -> None:
     log.write("\n")
     log.close()
     print(f"saved {ckpt} at step {step}", flush=True)
+
+
+def _own_prediction(model: OnePromptNet):
+    """query crop, template crop, prompt maps -> the model's probabilities (no gradient): the rollout's first pass."""
+    def predict(query: np.ndarray, timg: np.ndarray, pm: np.ndarray) -> np.ndarray:
+        model.eval()
+        with torch.no_grad():
+            lg, _ = model(torch.from_numpy(query[None, None].astype(np.float32)),
+                          torch.from_numpy(timg[None, None, None].astype(np.float32)),
+                          torch.from_numpy(pm[None, None]), torch.tensor([[KIND_INDEX["mask"]]]))
+        model.train()
+        return torch.sigmoid(lg)[0, 0].numpy()
+    return predict
 
 
 def _save(model, opt, step, path):
@@ -408,6 +448,9 @@ def main(argv: Optional[List[str]] = None) -> None:
     ap.add_argument("--threads", type=int, default=max(1, min(8, os.cpu_count() or 1)))
     ap.add_argument("--real-frac", type=float, default=0.6, help="fraction of batches from real volumes")
     ap.add_argument("--synth-pool", type=int, default=24)
+    ap.add_argument("--rollout", type=float, default=0.0,
+                    help="share of mask-prompted pairs whose prompt is the model's own prediction (second pass)")
+    ap.add_argument("--init", default="", help="start from the weights of this run's last.pt (fine-tuning)")
     ap.add_argument("--save-every", type=float, default=120, help="seconds between resumable checkpoints")
     ap.add_argument("--export", default="", help="export this run folder instead of training")
     ap.add_argument("--name", default="onepromptseg-v1")
