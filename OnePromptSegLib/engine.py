@@ -322,13 +322,14 @@ class PropagationSession:
 
     def _walk(self, kind: str, start: int, slices: List[int], far: Optional[int]) -> Iterator[SliceResult]:
         st = self.settings
-        masks: Dict[int, np.ndarray] = {start: self.anchors[start]}
-        if far is not None:
-            masks[far] = self.anchors[far]
-        # Slices already computed (a walk resumed after a cancel) can prompt the slices after them.
-        reach = self.settings.max_prompt_distance
-        for k in range(max(0, min(slices) - reach), min(self.n, max(slices) + reach + 1)):
-            if k in self._valid and k not in masks and k not in slices:
+        # An empty anchor says "not on this slice": it prompts nothing, so a walk from it ends at once.
+        masks: Dict[int, np.ndarray] = {a: self.anchors[a] for a in (start, far)
+                                        if a is not None and self.anchors[a].any()}
+        # Slices of this walk's own span already computed (a walk resumed after a cancel) prompt the slices after
+        # them; nothing beyond the walk's anchors is used (an empty anchor must stop what lies behind it).
+        span = [start] + ([far] if far is not None else []) + list(slices)
+        for k in range(min(span), max(span) + 1):
+            if k in self._valid and k not in masks and k not in slices and k not in self.anchors:
                 m = self._result_slice(k).astype(bool)
                 if m.any():
                     masks[k] = m

@@ -212,3 +212,13 @@ def test_one_prompt_transfer_from_another_volume(model):
         list(s.propagate())
     assert s.seed_slice is not None and truth[s.seed_slice].any()
     assert dice(s.result, truth) >= 0.6
+
+
+def test_empty_anchor_stops_propagation_on_its_side(oracle):
+    img, truth = bright_object_volume()
+    s = _session(oracle, img)
+    s.add_prompt(MaskPrompt(20, truth[20].astype(bool)))
+    s.add_prompt(MaskPrompt(26, np.zeros_like(truth[26], bool)))  # the user says: not here any more
+    list(s.propagate())
+    assert not s.result[26:].any()  # nothing beyond the empty anchor, although the image shows the object
+    assert s.result[21:23].any()  # the other side still propagates up to the middle
