@@ -259,6 +259,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.figure and worst is not None:
         from .cli import write_preview
         write_preview(args.figure, worst[1], worst[3], 2, truth=worst[2])
+    if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(summary=summ, rows=rows, settings=vars(settings)), f, indent=1)
     return 0

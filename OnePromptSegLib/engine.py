@@ -237,13 +237,12 @@ class PropagationSession:
         if isinstance(prompt, BBox):
             box = crop_around(None, shape, self.spacing, margin=0.3, points=pts)
         else:
-            # Clicks and strokes say where, not how big: look at a wide area first, then refine around the result.
+            # Clicks and strokes say where, not how big: the crop is centred on them and as wide as the slice.
+            # Measured on the demo volumes (docs/BENCHMARKS.md): narrower crops, or a second pass around the first
+            # result, made this model under-segment (click Dice 0.1-0.3 instead of 0.8-0.9).
             ext = max(shape[0] * self.spacing[0], shape[1] * self.spacing[1])
-            box = crop_around(None, shape, self.spacing, margin=0.0, points=pts, min_mm=max(ext * 0.5, 48.0))
-        mask = self._predict_interactive(prompt, s, box)
-        if not isinstance(prompt, BBox) and mask.any():
-            mask = self._predict_interactive(prompt, s, crop_around(mask, shape, self.spacing, self.settings.margin))
-        return mask
+            box = crop_around(None, shape, self.spacing, margin=0.0, points=pts, min_mm=max(ext, 48.0))
+        return self._predict_interactive(prompt, s, box)
 
     def _predict_interactive(self, prompt: Prompt, s: int, box: CropBox) -> np.ndarray:
         img = self._crop(s, box)
@@ -350,7 +349,8 @@ class PropagationSession:
             mask, q, src, rep, boxes[side] = self._step(s, prev, masks,
                                                         kind == "gap" and abs((far - s) - (s - start)) <= 1,
                                                         boxes[side])
-            empty = not mask.any() or q < st.min_quality
+            # Between two drawn slices the object is known to go on: there only an empty prediction ends a walk.
+            empty = not mask.any() or (kind != "gap" and q < st.min_quality)
             empties[side] = empties[side] + 1 if empty else 0
             if empty:
                 mask = np.zeros_like(mask)

@@ -423,9 +423,15 @@ def export(args: argparse.Namespace) -> None:
     starts = [e for e in events if e.get("event") == "start"]
     ends = [e for e in events if e.get("event") == "end"]
     targs = starts[0]["args"] if starts else {}
-    cmd = "python -m OnePromptSegLib.train " + " ".join(
-        f"--{k.replace('_', '-')} {shlex.quote(str(v))}" for k, v in targs.items()
-        if k not in ("export", "name", "default", "machine") and v not in (None, ""))
+
+    def command(a: dict) -> str:
+        return "python -m OnePromptSegLib.train " + " ".join(
+            f"--{k.replace('_', '-')} {shlex.quote(str(v))}" for k, v in a.items()
+            if k not in ("export", "name", "default", "machine") and v not in (None, ""))
+
+    # A run resumed with other arguments (more steps, fewer threads) lists each command in order, at its step.
+    cmds = [f"from step {e['step']}: {command(e['args'])}" for e in starts]
+    cmd = cmds[0].split(": ", 1)[1] if len(cmds) == 1 else " ; ".join(cmds)
     own = OnePromptNet(cfg).state_dict()
     path = save_weights({k: v for k, v in st["model"].items() if k in own}, cfg, args.name)
     add_manifest_entry(args.name, path, cfg, training=dict(
