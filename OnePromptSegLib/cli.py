@@ -193,6 +193,7 @@ def cmd_propagate(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    from .bench import dice
     from .synth import make_demo_volume
 
     img, truth, spacing = make_demo_volume()
@@ -209,7 +210,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
     steps = img.shape[0] - 1
     d = dice(mask, truth)
     write_mask(truth, vol, os.path.join(args.out, "demo_truth.nii.gz"))
-    vol.to_sitk()  # geometry check
     import SimpleITK as sitk
     sitk.WriteImage(vol.to_sitk(img), os.path.join(args.out, "demo_image.nii.gz"))
     write_mask(mask, vol, os.path.join(args.out, "demo_mask.nii.gz"))
@@ -219,13 +219,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
           f"{dt:.2f} s in all)")
     print(f"wrote {args.out}/demo_image.nii.gz, demo_mask.nii.gz, demo_mask.seg.nrrd, demo_preview.png")
     return 0
-
-
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    """Dice of two binary arrays (1.0 when both are empty)."""
-    a, b = a.astype(bool), b.astype(bool)
-    s = a.sum() + b.sum()
-    return 1.0 if s == 0 else float(2.0 * (a & b).sum() / s)
 
 
 def cmd_models(args: argparse.Namespace) -> int:

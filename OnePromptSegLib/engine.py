@@ -437,11 +437,10 @@ class PropagationSession:
         step = max(1, (hi - lo + 1) // 48)  # scan at most ~48 slices, then refine around the best
         for s in range(lo, hi + 1, step):
             shape = self._slice(s).shape
-            for rbox, rimg, rpm in ref_inputs:
+            for ref, (rbox, rimg, rpm) in zip(self._references, ref_inputs):
                 # Same relative position and the same field of view in mm as on the reference.
-                ref_shape = self._references[0].image.shape
-                fr, fc = rbox.r0 / ref_shape[0], rbox.c0 / ref_shape[1]
-                hmm = rbox.h * self._references[0].spacing[0]
+                fr, fc = rbox.r0 / ref.image.shape[0], rbox.c0 / ref.image.shape[1]
+                hmm = rbox.h * ref.spacing[0]
                 box = CropBox(fr * shape[0], fc * shape[1], hmm / self.spacing[0], hmm / self.spacing[1])
                 prob, q = self.model.predict(self._crop(s, box), [rimg], [rpm], [KIND_INDEX["mask"]])
                 score = q * float((prob > self.settings.threshold).mean() > 0)
