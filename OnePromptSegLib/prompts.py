@@ -268,9 +268,8 @@ def _max_resample(m: np.ndarray, box: CropBox, size: int) -> np.ndarray:
 def prompt_points(prompt: Prompt) -> Optional[np.ndarray]:
     """(N,2) rows/cols that locate the prompt on its slice, for choosing a crop; None for an empty mask."""
     if isinstance(prompt, Click):
-        pts = np.asarray(prompt.points, float)[np.asarray(prompt.labels) == 1]
-        # A click says where, not how big: pad the points so the crop sees the surroundings.
-        return pts
+        # Positive points only: a click says where, not how big (the engine widens the crop itself).
+        return np.asarray(prompt.points, float)[np.asarray(prompt.labels) == 1]
     if isinstance(prompt, BBox):
         return np.array([[prompt.r0, prompt.c0], [prompt.r1, prompt.c1]], float)
     m = prompt.foreground if isinstance(prompt, Doodle) else prompt.mask
