@@ -1,6 +1,6 @@
 """``onepromptseg``: propagate a one-slice prompt through a volume from the command line.
 
-    onepromptseg propagate IMAGE -o OUT [--prompt-mask MASK [--label N]] [--click I,J,K[,neg]]...
+    onepromptseg propagate IMAGE -o OUT [--prompt-mask MASK [--label N] [--slices S1,S2]] [--click I,J,K[,neg]]...
                  [--box A0,B0,A1,B1,S]... [--scribble SCRIBBLE_MASK] [--axis i|j|k] [--device auto|cpu|cuda]
                  [--model NAME_OR_PATH] [--ssim-threshold T] [--no-reprompt] [--preview PNG]
     onepromptseg demo [--out DIR]
@@ -67,6 +67,35 @@ def parse_box(text: str, axis: int) -> BBox:
     return BBox.from_ijk(c0, c1, axis)
 
 
+def parse_slices(text: str) -> List[int]:
+    """'3,10,17' -> [3, 10, 17] (empty text -> [])."""
+    try:
+        return [int(t) for t in text.replace(" ", "").split(",") if t != ""]
+    except ValueError:
+        raise UsageError(f"--slices {text!r}: expected comma-separated slice indices, e.g. 12,30,41") from None
+
+
+def empty_drawn_slices(text: Optional[str], drawn: List, axis: int, shape: Tuple[int, int, int]) -> List[MaskPrompt]:
+    """Empty mask prompts for the slices listed in ``--slices`` that have no foreground in the prompt mask.
+
+    A label volume cannot tell a slice drawn empty ("the object is not here") from a slice nobody drew; ``--slices``
+    can, and an empty drawn slice is what stops a leak past the object's end.
+    """
+    if not text:
+        return []
+    a = numpy_axis(axis)
+    have = {p.slice_index for p in drawn}
+    out = []
+    for s in parse_slices(text):
+        if not 0 <= s < shape[a]:
+            raise UsageError(f"--slices: slice {s} is outside the volume (0..{shape[a] - 1} along {'ijk'[axis]})")
+        if s not in have:
+            plane = tuple(n for d, n in enumerate(shape) if d != a)
+            out.append(MaskPrompt(s, np.zeros(plane, bool)))
+            have.add(s)
+    return out
+
+
 def build_prompts(args: argparse.Namespace, vol: Volume) -> List:
     """All prompts given on the command line, validated against the volume."""
     axis = ijk_axis(args.axis)
@@ -74,6 +103,9 @@ def build_prompts(args: argparse.Namespace, vol: Volume) -> List:
     if args.prompt_mask:
         lab = read_label_volume(args.prompt_mask, vol)
         prompts += masks_from_label_volume(lab, axis, args.label, vol.array.shape)
+        prompts += empty_drawn_slices(args.slices, prompts, axis, vol.array.shape)
+    elif args.slices:
+        raise UsageError("--slices names drawn slices of --prompt-mask: give --prompt-mask too")
     if args.click:
         by_slice: Dict[int, List] = {}
         for c in args.click:
@@ -238,6 +270,9 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, help="output mask: .nii.gz, .nii, .nrrd, .mha or .seg.nrrd")
     p.add_argument("--prompt-mask", help="label volume on the image's grid: every slice with the label is a drawn slice")
     p.add_argument("--label", type=int, help="label value in --prompt-mask (default: any non-zero)")
+    p.add_argument("--slices", metavar="S1,S2,...",
+                   help="the drawn slices of --prompt-mask (indices along --axis); a listed slice without foreground "
+                        "is drawn empty: the structure is absent there and propagation stops at it")
     p.add_argument("--click", action="append", metavar="I,J,K[,neg]", help="a point in voxel indices; repeatable")
     p.add_argument("--box", action="append", metavar="A0,B0,A1,B1,S",
                    help="a box: corners in the two in-plane axes (i,j for axis k) and the slice index; repeatable")

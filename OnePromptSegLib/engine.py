@@ -299,7 +299,13 @@ class PropagationSession:
             gap = list(range(a + 1, b))
             if not todo(gap):
                 continue
-            if direction == "both":
+            full_a, full_b = self.anchors[a].any(), self.anchors[b].any()
+            if direction == "both" and full_a != full_b:
+                # Drawn empty at one end: the object ends somewhere in the gap, so the other end walks all the way
+                # (with the stop rule) instead of meeting a walk that cannot start.
+                ks = [k for k in gap if lo <= k <= hi]
+                plan.append(("out", a, ks, b) if full_a else ("out", b, ks[::-1], a))
+            elif direction == "both":
                 # Alternate from both ends so that the walks meet in the middle.
                 order = []
                 i, j = a + 1, b - 1

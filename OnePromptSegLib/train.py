@@ -218,13 +218,13 @@ def sample_pair(rng: np.random.Generator, tv: TaskVolume, size: int, max_extra: 
     else:
         kind = "mask" if rng.random() < 0.85 else ["click", "box", "doodle"][rng.integers(3)]
         r = rng.random()
-        if r < 0.12 and ends:
+        if r < 0.18 and ends:
             # Where propagation must stop: template on one of the object's last slices, query just past its end.
             zend, sgn = ends[rng.integers(len(ends))]
             z = zend - sgn * int(rng.integers(0, 3))
             z = z if area[z] > 0 else zend
             qz = int(np.clip(zend + sgn * int(rng.integers(1, 4)), 0, D - 1))
-        elif r < 0.17 and ends:
+        elif r < 0.24 and ends:
             outside = [k for k in range(D) if area[k] == 0 and abs(k - z) <= 12]
             qz = int(rng.choice(outside)) if outside else z
         else:

@@ -73,6 +73,24 @@ def test_several_anchor_slices_and_seg_nrrd(files, capsys, tmp_path):
     assert dice(m, files["truth"]) >= 0.80  # measured 0.84
 
 
+def test_slices_names_drawn_empty_slices(files, capsys, tmp_path):
+    """The reference protocol lists its drawn slices: one listed without foreground is drawn empty and ends the object."""
+    t, k0 = files["truth"], files["k0"]
+    zs = np.flatnonzero(t.any(axis=(1, 2)))
+    cut = int(zs.max()) - 3
+    out = tmp_path / "o.nii.gz"
+    code, _, err = run(["propagate", files["img"], "--prompt-mask", files["one"], "--slices", f"{k0},{cut}", "-o", out,
+                        "--device", "cpu", "-q"], capsys)
+    assert code == 0, err
+    m = sitk.GetArrayFromImage(sitk.ReadImage(str(out)))
+    assert not m[cut:].any()  # drawn empty: nothing there and nothing walked past it
+    assert m[k0 + 1:cut].any(axis=(1, 2)).all()  # between the drawn slices the object goes on
+    plain = tmp_path / "p.nii.gz"
+    assert run(["propagate", files["img"], "--prompt-mask", files["one"], "-o", plain, "--device", "cpu", "-q"],
+               capsys)[0] == 0
+    assert sitk.GetArrayFromImage(sitk.ReadImage(str(plain)))[cut:].any()  # without --slices it went on
+
+
 def test_click_box_and_scribble_prompts(files, capsys, tmp_path):
     t, k0 = files["truth"], files["k0"]
     rr, cc = np.nonzero(t[k0])
@@ -100,6 +118,7 @@ def test_click_box_and_scribble_prompts(files, capsys, tmp_path):
     (["--box", "10,10,10,30,5"], "zero area"),
     (["--box", "10,10,30"], "expected 5"),
     ([], "no prompt given"),
+    (["--click", "50,50,5", "--slices", "5"], "give --prompt-mask too"),
     (["--axis", "x", "--click", "1,1,1"], "axis must be"),
     (["--click", "50,50,5", "--model", "no-such-model"], "no checkpoint named"),
 ])
@@ -122,6 +141,10 @@ def test_bad_files_exit_2(files, capsys, tmp_path):
     assert code == 2 and "grid" in err and not out.exists()
     code, _, err = run(["propagate", files["img"], "--prompt-mask", files["one"], "--label", 7, "-o", out], capsys)
     assert code == 2 and "no voxels of label 7" in err and not out.exists()
+    for bad, message in (("3,x", "comma-separated slice indices"), ("3,999", "outside the volume")):
+        code, _, err = run(["propagate", files["img"], "--prompt-mask", files["one"], "--slices", bad, "-o", out],
+                           capsys)
+        assert code == 2 and message in err and not out.exists(), err
     empty = _write(np.zeros_like(files["truth"]), tmp_path / "empty.nii.gz", files["spacing"])
     code, _, err = run(["propagate", files["img"], "--scribble", empty, "-o", out], capsys)
     assert code == 2 and "no foreground strokes" in err
