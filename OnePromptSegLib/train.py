@@ -3,9 +3,9 @@
     python -m OnePromptSegLib.train --out runs/v1 --steps 4000 [--data ../shared/data/train] [--minutes 60]
     python -m OnePromptSegLib.train --export runs/v1 --name onepromptseg-v1 [--default]
 
-Tasks come from two sources mixed per batch: synthetic volumes (``synth.random_volume``, regenerated as training
-goes) and, when ``--data`` is given, real labelled volumes (every label, and unions of neighbouring labels, along
-every axis with enough slices).  A pair is a template slice with a simulated prompt of one of the four kinds and a
+Tasks come from three sources mixed per batch: synthetic volumes (``synth.random_volume``, regenerated as training
+goes); when ``--data`` is given, real labelled volumes (every label, and unions of neighbouring labels, along
+every axis with enough slices); and with ``--superpixel-frac``, supervoxels of those real images (any structure).  A pair is a template slice with a simulated prompt of one of the four kinds and a
 query slice 0..12 slices away (0 = interactive mode, template == query), cropped exactly as the engine crops:
 around the template's object, square in mm.  Some pairs get extra templates (growing context), some a deformed,
 re-contrasted query (template from "another patient"), and some an empty target so the model learns to stop.
@@ -100,6 +100,27 @@ def synth_volume(rng: np.random.Generator) -> TaskVolume:
     img, lab = random_volume(rng)
     sets = label_sets_for(lab.astype(np.int32), min_vox=40)
     return TaskVolume((img * 255).astype(np.uint8), lab.astype(np.int32), (1.0, 1.0), sets, "synth")
+
+
+def superpixel_volume(rng: np.random.Generator, tv: TaskVolume, depth: int = 48) -> TaskVolume:
+    """Supervoxels of a block of a real image as tasks (One-Prompt's and UniverSeg's augmentation with real texture).
+
+    Every supervoxel (skimage SLIC, 60-300 segments, so objects of very different sizes) is a structure the model
+    must follow from slice to slice by its intensity and edges alone, not by what anatomy it is; air is dropped.
+    """
+    from skimage.segmentation import slic
+
+    D = tv.image.shape[0]
+    d = min(D, depth)
+    z0 = int(rng.integers(0, D - d + 1))
+    img = tv.image[z0:z0 + d]
+    f = img.astype(np.float32) / 255.0
+    seg = slic(f, n_segments=int(rng.integers(60, 300)), compactness=float(rng.uniform(0.05, 0.3)),
+               channel_axis=None, start_label=1).astype(np.int32)
+    means = ndi.mean(f, seg, index=np.arange(1, seg.max() + 1))
+    seg[np.isin(seg, np.flatnonzero(means < 0.08) + 1)] = 0  # air and background are not structures
+    sets = label_sets_for(seg, min_vox=60)
+    return TaskVolume(np.ascontiguousarray(img), seg, tv.spacing, sets, f"{tv.name}:slic")
 
 
 # ------------------------------------------------------------------------------------------------ prompt simulation
@@ -353,6 +374,9 @@ def train(args: argparse.Namespace) -> None:
     real = load_real_volumes(args.data) if args.data else []
     print(f"{count_parameters(model)} parameters; {len(real)} real task volumes", flush=True)
     synth = [synth_volume(rng) for _ in range(args.synth_pool)]
+    superpix = [v for v in (superpixel_volume(rng, real[int(rng.integers(len(real)))])
+                            for _ in range(args.superpixel_pool if real and args.superpixel_frac > 0 else 0))
+                if v.label_sets]
     log = open(os.path.join(args.out, "log.jsonl"), "a")
     json.dump(dict(event="start", step=step, args=vars(args), time=time.time()), log); log.write("\n")
     t_start = time.time()
@@ -364,12 +388,19 @@ def train(args: argparse.Namespace) -> None:
             break
         if step % 25 == 0:  # refresh part of the synthetic pool: unlimited tasks
             synth[rng.integers(len(synth))] = synth_volume(rng)
+        if superpix and step % 50 == 0:
+            v = superpixel_volume(rng, real[int(rng.integers(len(real)))])
+            if v.label_sets:
+                superpix[int(rng.integers(len(superpix)))] = v
         lr = args.lr * min(1.0, (step + 1) / 200) * (0.5 * (1 + math.cos(math.pi * min(step / args.steps, 1.0))))
         for g in opt.param_groups:
             g["lr"] = max(lr, args.lr * 0.02)
         use_real = real and rng.random() < args.real_frac
+        pool = real if use_real else synth
+        if use_real and superpix and rng.random() < args.superpixel_frac:
+            pool = superpix
         predict = _own_prediction(model) if args.rollout > 0 else None
-        q, T, P, Kd, V, y = make_batch(rng, real if use_real else synth, args.batch, args.size, predict, args.rollout)
+        q, T, P, Kd, V, y = make_batch(rng, pool, args.batch, args.size, predict, args.rollout)
         logits, qual = model(q, T, P, Kd, V)
         loss, dice = loss_fn(logits, qual, y)
         opt.zero_grad(set_to_none=True)
@@ -427,16 +458,18 @@ def export(args: argparse.Namespace) -> None:
     def command(a: dict) -> str:
         return "python -m OnePromptSegLib.train " + " ".join(
             f"--{k.replace('_', '-')} {shlex.quote(str(v))}" for k, v in a.items()
-            if k not in ("export", "name", "default", "machine") and v not in (None, ""))
+            if k not in ("export", "name", "default", "machine", "manifest") and v not in (None, ""))
 
     # A run resumed with other arguments (more steps, fewer threads) lists each command in order, at its step.
     cmds = [f"from step {e['step']}: {command(e['args'])}" for e in starts]
     cmd = cmds[0].split(": ", 1)[1] if len(cmds) == 1 else " ; ".join(cmds)
     own = OnePromptNet(cfg).state_dict()
-    path = save_weights({k: v for k, v in st["model"].items() if k in own}, cfg, args.name)
+    folder = os.path.join(os.path.dirname(os.path.abspath(args.manifest)), "Resources", "Models") if args.manifest else None
+    path = save_weights({k: v for k, v in st["model"].items() if k in own}, cfg, args.name, folder)
     add_manifest_entry(args.name, path, cfg, training=dict(
         command=cmd, steps=st["step"], seconds=round(sum(e.get("seconds", 0) for e in ends), 1),
-        machine=args.machine, seed=targs.get("seed")), make_default=args.default)
+        machine=args.machine, seed=targs.get("seed")), make_default=args.default,
+        manifest_path=args.manifest or None)
     print(f"exported {path}")
 
 
@@ -454,6 +487,9 @@ def main(argv: Optional[List[str]] = None) -> None:
     ap.add_argument("--threads", type=int, default=max(1, min(8, os.cpu_count() or 1)))
     ap.add_argument("--real-frac", type=float, default=0.6, help="fraction of batches from real volumes")
     ap.add_argument("--synth-pool", type=int, default=24)
+    ap.add_argument("--superpixel-frac", type=float, default=0.0,
+                    help="share of the real batches made of supervoxel tasks (SLIC) on the real images")
+    ap.add_argument("--superpixel-pool", type=int, default=12, help="supervoxel volumes kept (one refreshed per 50 steps)")
     ap.add_argument("--rollout", type=float, default=0.0,
                     help="share of mask-prompted pairs whose prompt is the model's own prediction (second pass)")
     ap.add_argument("--init", default="", help="start from the weights of this run's last.pt (fine-tuning)")
@@ -462,6 +498,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     ap.add_argument("--name", default="onepromptseg-v1")
     ap.add_argument("--machine", default="", help="recorded in the manifest, e.g. '2-core CPU'")
     ap.add_argument("--default", action="store_true", help="make the exported checkpoint the default")
+    ap.add_argument("--manifest", default="", help="export into this manifest (weights to Resources/Models beside it) "
+                    "instead of the project's weights_manifest.json")
     args = ap.parse_args(argv)
     if args.export:
         export(args)
