@@ -8,7 +8,8 @@ goes); when ``--data`` is given, real labelled volumes (every label, and unions 
 every axis with enough slices); and with ``--superpixel-frac``, supervoxels of those real images (any structure).  A pair is a template slice with a simulated prompt of one of the four kinds and a
 query slice 0..12 slices away (0 = interactive mode, template == query), cropped exactly as the engine crops:
 around the template's object, square in mm.  Some pairs get extra templates (growing context), some a deformed,
-re-contrasted query (template from "another patient"), and some an empty target so the model learns to stop.
+re-contrasted query (template from "another patient"), some an empty target so the model learns to stop, and
+with ``--correction`` some a drawn slice beyond the query (the interactive pass: the query between two drawn slices).
 """
 from __future__ import annotations
 
@@ -217,12 +218,13 @@ def _deform(rng: np.random.Generator, img: np.ndarray, tgt: np.ndarray) -> Tuple
 
 
 def sample_pair(rng: np.random.Generator, tv: TaskVolume, size: int, max_extra: int = 2,
-                predict=None, rollout: float = 0.0):
+                predict=None, rollout: float = 0.0, correction: float = 0.0):
     """One training example: query, templates, prompt maps, kinds, target (all at ``size``).
 
     With ``predict`` (crop -> probabilities) and probability ``rollout``, a mask prompt is the model's own binarised
     prediction of the template slice from a slice 1-3 further back, as in propagation, instead of a corrupted truth:
-    the model learns to recover from its own errors rather than drift.
+    the model learns to recover from its own errors rather than drift.  With probability ``correction`` a pair also
+    gets a drawn slice beyond the query: the second, interactive pass, where the query lies between two drawn slices.
     """
     ls = tv.label_sets[rng.integers(len(tv.label_sets))]
     D = tv.image.shape[0]
@@ -277,13 +279,21 @@ def sample_pair(rng: np.random.Generator, tv: TaskVolume, size: int, max_extra: 
     templates = [img_crop(z)]
     prompts = [render_prompt_maps(first, box, size) if first is not None else own_maps]
     kinds = [KIND_INDEX[kind]]
-    if not interactive and rng.random() < 0.35:
+    if max_extra > 0 and not interactive and rng.random() < 0.35:
         for _ in range(int(rng.integers(1, max_extra + 1))):
             ez = int(np.clip(z - np.sign(qz - z + 1e-9) * rng.integers(1, 10), 0, D - 1))
             if area[ez] == 0:
                 continue
             templates.append(img_crop(ez))
             prompts.append(render_prompt_maps(MaskPrompt(ez, fg3[ez]), box, size))
+            kinds.append(KIND_INDEX["mask"])
+    if not interactive and qz != z and rng.random() < correction:
+        # The second, interactive pass: the user has drawn a correction beyond the query, so the query lies between
+        # two drawn slices, as in the engine's gaps (it passes the anchors on both sides as extra templates).
+        cz = int(qz + np.sign(qz - z) * rng.integers(1, 9))
+        if 0 <= cz < D and area[cz] > 0:
+            templates.append(img_crop(cz))
+            prompts.append(render_prompt_maps(simulate_prompt(rng, fg3[cz], "mask", cz), box, size))
             kinds.append(KIND_INDEX["mask"])
     q = img_crop(qz)
     tgt = (extract(fg3[qz].astype(np.float32), box, size) > 0.5).astype(np.float32)
@@ -306,11 +316,11 @@ def _augment(rng: np.random.Generator, arrs: List[np.ndarray]) -> List[np.ndarra
 
 
 def make_batch(rng: np.random.Generator, sources: List[TaskVolume], batch: int, size: int, predict=None,
-               rollout: float = 0.0):
+               rollout: float = 0.0, correction: float = 0.0):
     qs, ts, ps, ks, ys = [], [], [], [], []
     for _ in range(batch):
         tv = sources[rng.integers(len(sources))]
-        q, t, p, k, y = sample_pair(rng, tv, size, predict=predict, rollout=rollout)
+        q, t, p, k, y = sample_pair(rng, tv, size, predict=predict, rollout=rollout, correction=correction)
         q, t, p, y = _augment(rng, [q, t, p, y])
         qs.append(q); ts.append(t); ps.append(p); ks.append(k); ys.append(y)
     K = max(len(k) for k in ks)
@@ -400,7 +410,7 @@ def train(args: argparse.Namespace) -> None:
         if use_real and superpix and rng.random() < args.superpixel_frac:
             pool = superpix
         predict = _own_prediction(model) if args.rollout > 0 else None
-        q, T, P, Kd, V, y = make_batch(rng, pool, args.batch, args.size, predict, args.rollout)
+        q, T, P, Kd, V, y = make_batch(rng, pool, args.batch, args.size, predict, args.rollout, args.correction)
         logits, qual = model(q, T, P, Kd, V)
         loss, dice = loss_fn(logits, qual, y)
         opt.zero_grad(set_to_none=True)
@@ -492,6 +502,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     ap.add_argument("--superpixel-pool", type=int, default=12, help="supervoxel volumes kept (one refreshed per 50 steps)")
     ap.add_argument("--rollout", type=float, default=0.0,
                     help="share of mask-prompted pairs whose prompt is the model's own prediction (second pass)")
+    ap.add_argument("--correction", type=float, default=0.0,
+                    help="share of pairs that also get a drawn slice beyond the query (the interactive second pass)")
     ap.add_argument("--init", default="", help="start from the weights of this run's last.pt (fine-tuning)")
     ap.add_argument("--save-every", type=float, default=120, help="seconds between resumable checkpoints")
     ap.add_argument("--export", default="", help="export this run folder instead of training")

@@ -65,10 +65,18 @@ def test_batches_include_empty_targets_past_the_object(data_dir):
     assert 3 <= empty <= 40  # the model must learn where an object ends, but mostly it learns to follow it
 
 
+def test_correction_pass_adds_a_drawn_slice_beyond_the_query(data_dir):
+    real = train.load_real_volumes(data_dir)
+    rng = np.random.default_rng(3)
+    with_c = [train.sample_pair(rng, real[0], 96, max_extra=0, correction=1.0)[1].shape[0] for _ in range(60)]
+    without = [train.sample_pair(rng, real[0], 96, max_extra=0)[1].shape[0] for _ in range(60)]
+    assert max(without) == 1 and sum(n == 2 for n in with_c) >= 20
+
+
 def test_training_resumes_and_exports(data_dir, tmp_path):
     out = str(tmp_path / "run")
     common = ["--out", out, "--data", data_dir, "--batch", "2", "--threads", "1", "--synth-pool", "2",
-              "--superpixel-frac", "0.5", "--superpixel-pool", "2", "--save-every", "1000"]
+              "--superpixel-frac", "0.5", "--superpixel-pool", "2", "--correction", "0.2", "--save-every", "1000"]
     train.main(common + ["--steps", "3"])
     train.main(common + ["--steps", "5"])  # resumes at step 3
     events = [json.loads(l) for l in open(os.path.join(out, "log.jsonl"))]
