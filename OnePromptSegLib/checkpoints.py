@@ -142,6 +142,56 @@ class LoadedModel:
         return torch.sigmoid(logits.float())[0, 0].cpu().numpy(), float(qual.float()[0])
 
     @torch.no_grad()
+    def predict_many(self, requests: Sequence[Any]) -> List[Tuple[np.ndarray, float]]:
+        """Several ``predict`` calls in one batch: each request has ``query``, ``templates``, ``prompts``, ``kinds``
+        and ``keys`` (as ``predict``'s arguments).  Encoder features are cached as in ``predict``; templates are
+        padded to the largest K and masked, so each result equals its own ``predict``.
+        """
+        # Every image of the batch must stay cached until its decode: keep room for all of them.
+        self.cache_size = max(self.cache_size, 2 * sum(len(r.keys) for r in requests))
+        try:
+            return self._predict_many(requests)
+        except torch.cuda.OutOfMemoryError:
+            warnings.warn("CUDA ran out of memory; continuing on the CPU", DeviceFallbackWarning)
+            torch.cuda.empty_cache()
+            self._to(torch.device("cpu"))
+            return self._predict_many(requests)
+
+    def _predict_many(self, requests: Sequence[Any]) -> List[Tuple[np.ndarray, float]]:
+        todo: Dict[Any, np.ndarray] = {}
+        for r in requests:
+            for k, im in zip(r.keys, [r.query] + list(r.templates)):
+                if k not in self._cache and k not in todo:
+                    todo[k] = im
+        if todo:
+            x = torch.from_numpy(np.stack([np.asarray(im, np.float32) for im in todo.values()])[:, None])
+            feats = self.model.encode(x.to(self.device, dtype=self.dtype))
+            for j, k in enumerate(todo):
+                self._cache[k] = [f[j:j + 1] for f in feats]
+        for r in requests:
+            for k in r.keys:
+                self._cache.move_to_end(k)
+        B, K, S = len(requests), max(len(r.templates) for r in requests), self.size
+        levels = len(self._cache[requests[0].keys[0]])
+        fq = [torch.cat([self._cache[r.keys[0]][lvl] for r in requests], 0) for lvl in range(levels)]
+        # Padding templates repeat a real one; ``valid`` masks them out of every attention.
+        tkeys = [list(r.keys[1:]) + [r.keys[1]] * (K - len(r.templates)) for r in requests]
+        ft = [torch.cat([self._cache[k][lvl] for ks in tkeys for k in ks], 0) for lvl in range(levels)]
+        P = np.zeros((B, K, 4, S, S), np.float32)
+        Kd = np.zeros((B, K), np.int64)
+        V = np.zeros((B, K), bool)
+        for b, r in enumerate(requests):
+            n = len(r.templates)
+            P[b, :n], Kd[b, :n], V[b, :n] = np.stack(r.prompts), r.kinds, True
+        logits, qual = self.model.decode(fq, ft, torch.from_numpy(P).to(self.device, dtype=self.dtype),
+                                         torch.from_numpy(Kd).to(self.device), torch.from_numpy(V).to(self.device))
+        while len(self._cache) > self.cache_size:
+            self._cache.popitem(last=False)
+        probs = torch.sigmoid(logits.float())[:, 0].cpu().numpy()
+        q = qual.float().cpu().numpy()
+        return [(probs[b], float(q[b])) for b in range(B)]
+
+    @torch.no_grad()
     def predict_batch(self, queries: np.ndarray, templates: Sequence[Sequence[np.ndarray]],
                       prompts: Sequence[Sequence[np.ndarray]], kinds: Sequence[Sequence[int]]
                       ) -> Tuple[np.ndarray, np.ndarray]:

@@ -56,6 +56,14 @@ class EngineSettings:
     margin: float = 0.6  #: crop margin on each side, as a fraction of the object's extent
     min_area_px: int = 3  #: a prediction smaller than this (pixels) counts as empty
     ssim_sigma: float = 1.0  #: blur (pixels at the model's input size) before SSIM
+    #: run the independent walks (both directions, every gap between anchors) in lockstep, one batched model call
+    #: per step; None = only when the model runs on a GPU (on a CPU a batch costs as much as its parts)
+    batch_walks: Optional[bool] = None
+    #: between two drawn slices at most ``interp_gap`` slices apart, the model's probability is averaged (weight
+    #: ``interp_weight``) with the shape interpolated between them (signed distances, as Fill between slices does):
+    #: where the drawn slices are dense the interpolation is the better guess, where they are sparse the model
+    interp_gap: int = 6
+    interp_weight: float = 0.5
 
 
 class SeedWarning(UserWarning):
@@ -100,7 +108,93 @@ class _Reference:
     spacing: Tuple[float, float]
 
 
+@dataclass
+class _Request:
+    """What one walk step needs from the model: a query crop and its templates (see ``LoadedModel.predict``)."""
+
+    query: np.ndarray
+    templates: List[np.ndarray]
+    prompts: List[np.ndarray]
+    kinds: List[int]
+    keys: List[tuple]
+
+
 _SESSION_IDS = itertools.count()
+
+
+def _drive(walks: List[Iterator], model, batch: bool) -> Iterator[Tuple[int, "SliceResult"]]:
+    """Run walk generators to the end; yields (walk index, SliceResult).
+
+    A walk yields a ``_Request`` when it needs the model and is sent back (probabilities, quality); it yields a
+    ``SliceResult`` when a slice is done.  With ``batch`` every walk advances one step at a time and the requests
+    of a step go to the model as one batch (``predict_many``); otherwise the walks run one after the other.  Walks
+    never read each other's slices, so both give the same result.
+    """
+    groups = [list(range(len(walks)))] if batch else [[i] for i in range(len(walks))]
+    many = getattr(model, "predict_many", None)
+    for group in groups:
+        inbox: Dict[int, Optional[Tuple[np.ndarray, float]]] = {i: None for i in group}
+        active = list(group)
+        while active:
+            requests: Dict[int, _Request] = {}
+            for i in list(active):
+                val = inbox[i]
+                while True:
+                    try:
+                        msg = walks[i].send(val)
+                    except StopIteration:
+                        active.remove(i)
+                        break
+                    val = None
+                    if isinstance(msg, _Request):
+                        requests[i] = msg
+                        break
+                    yield i, msg
+            ids = list(requests)
+            if len(ids) > 1 and many is not None:
+                outs = many([requests[i] for i in ids])
+            else:
+                outs = [model.predict(r.query, r.templates, r.prompts, r.kinds, keys=r.keys)
+                        for r in (requests[i] for i in ids)]
+            for i, out in zip(ids, outs):
+                inbox[i] = out
+
+
+def propagate_together(sessions: Sequence["PropagationSession"], direction: str = "both",
+                       batch: Optional[bool] = None) -> Iterator[Tuple[int, "SliceResult"]]:
+    """Propagate several sessions (e.g. several labels of one volume) at once; yields (session index, SliceResult).
+
+    On a GPU every step of every walk of every session goes to the model in one batch.  All sessions must share
+    one model.  ``done``/``total`` in the results count over all sessions.
+    """
+    if not sessions:
+        return
+    model = sessions[0].model
+    if any(s.model is not model for s in sessions):
+        raise PromptError("propagate_together needs sessions that share one model")
+    walks, owner = [], []
+    for n, sess in enumerate(sessions):
+        for w in sess._walks(direction, None):
+            walks.append(w)
+            owner.append(n)
+    total = sum(sess._pending for sess in sessions)
+    use = batch if batch is not None else _on_gpu(model)
+    for done, (i, r) in enumerate(_drive(walks, model, use), start=1):
+        r.done, r.total = done, total
+        yield owner[i], r
+
+
+def _signed_distance(mask: np.ndarray, spacing: Tuple[float, float]) -> np.ndarray:
+    """Distance in mm to the mask's border, positive inside: interpolating two of these linearly morphs one shape
+    into the other (the idea behind Fill between slices' shape interpolation)."""
+    from scipy import ndimage as ndi
+
+    return ndi.distance_transform_edt(mask, sampling=spacing) - ndi.distance_transform_edt(~mask, sampling=spacing)
+
+
+def _on_gpu(model) -> bool:
+    dev = getattr(model, "device", None)
+    return getattr(dev, "type", "cpu") == "cuda"
 
 
 class PropagationSession:
@@ -117,6 +211,7 @@ class PropagationSession:
         self._references: List[_Reference] = []
         self.result: Optional[np.ndarray] = None
         self.seed_slice: Optional[int] = None  #: the slice One-Prompt mode seeded from, if it did
+        self._pending = 0  #: slices the walks of the current propagation will write
 
     # ------------------------------------------------------------------------------------------ set-up
     def set_volume(self, volume: np.ndarray, axis: AxisLike = "k",
@@ -250,8 +345,14 @@ class PropagationSession:
         prob, _ = self.model.predict(img, [img], [pm], [KIND_INDEX[prompt.kind]])
         return self._paste(prob, box, self._slice(s).shape)
 
-    def _paste(self, prob: np.ndarray, box: CropBox, shape: Tuple[int, int]) -> np.ndarray:
+    def _paste(self, prob: np.ndarray, box: CropBox, shape: Tuple[int, int],
+               prior: Optional[np.ndarray] = None) -> np.ndarray:
+        """The crop's probabilities on the slice grid, thresholded; averaged first with ``prior`` (a full slice of
+        probabilities) where one is given."""
         vals, (rs, cs) = paste(prob, box, shape)
+        if prior is not None:
+            w = self.settings.interp_weight
+            vals = (1 - w) * vals + w * prior[rs, cs]
         out = np.zeros(shape, bool)
         out[rs, cs] = vals > self.settings.threshold
         if out.sum() < self.settings.min_area_px:
@@ -266,6 +367,14 @@ class PropagationSession:
         ``direction``: 'both', 'forward' (increasing index) or 'backward'.  ``slice_range`` (lo, hi), inclusive,
         limits the slices written.  Slices already computed since the last change are not recomputed.
         """
+        walks = self._walks(direction, slice_range)
+        batch = self.settings.batch_walks if self.settings.batch_walks is not None else _on_gpu(self.model)
+        for done, (_, r) in enumerate(_drive(walks, self.model, batch), start=1):
+            r.done, r.total = done, self._pending
+            yield r
+
+    def _walks(self, direction: str, slice_range: Optional[Tuple[int, int]]) -> List[Iterator]:
+        """The walk generators of one propagation (``_pending`` = slices they will write)."""
         self._need_volume()
         if direction not in ("both", "forward", "backward"):
             raise PromptError(f"direction must be both, forward or backward (got {direction!r})")
@@ -278,13 +387,8 @@ class PropagationSession:
                 raise PromptError("no prompt yet: add a click, box, scribble or mask on one slice first")
             self._seed_from_references(lo, hi)
         plan = self._plan(direction, lo, hi)
-        total = sum(len(p[2]) for p in plan)
-        done = 0
-        for kind, start, slices, other in plan:
-            for r in self._walk(kind, start, slices, other):
-                done += 1
-                r.done, r.total = done, total
-                yield r
+        self._pending = sum(len(p[2]) for p in plan)
+        return [self._walk(kind, start, slices, other) for kind, start, slices, other in plan]
 
     def _plan(self, direction: str, lo: int, hi: int):
         """Segments to (re)compute: (kind, start anchor, slices in order, anchor at the far end or None)."""
@@ -338,6 +442,14 @@ class PropagationSession:
                 m = self._result_slice(k).astype(bool)
                 if m.any():
                     masks[k] = m
+        prior = None
+        if kind == "gap" and start in masks and far in masks and 1 < far - start <= st.interp_gap and st.interp_weight > 0:
+            sa, sb = _signed_distance(masks[start], self.spacing), _signed_distance(masks[far], self.spacing)
+            tau = min(self.spacing)
+
+            def prior(k: int) -> np.ndarray:
+                t = (k - start) / (far - start)
+                return 1.0 / (1.0 + np.exp(-np.clip(((1 - t) * sa + t * sb) / tau, -30, 30)))
         stopped: Dict[int, bool] = {1: False, -1: False}
         empties: Dict[int, int] = {1: 0, -1: 0}
         boxes: Dict[int, Optional[CropBox]] = {1: None, -1: None}
@@ -352,9 +464,14 @@ class PropagationSession:
                 self._store(s, np.zeros(self._slice(s).shape, bool), 0.0)
                 yield SliceResult(s, self._result_slice(s).astype(bool), 0.0, False, 0, 0, -1)
                 continue
-            mask, q, src, rep, boxes[side] = self._step(s, prev, masks,
-                                                        kind == "gap" and abs((far - s) - (s - start)) <= 1,
-                                                        boxes[side])
+            req, src, rep, box = self._prepare(s, prev, masks, kind == "gap" and abs((far - s) - (s - start)) <= 1,
+                                               boxes[side])
+            if req is None:
+                mask, q = np.zeros(self._slice(s).shape, bool), 0.0
+            else:
+                prob, q = yield req
+                mask = self._paste(prob, box, self._slice(s).shape, prior(s) if prior else None)
+                boxes[side] = box
             # Between two drawn slices the object is known to go on: there only an empty prediction ends a walk.
             empty = not mask.any() or (kind != "gap" and q < st.min_quality)
             empties[side] = empties[side] + 1 if empty else 0
@@ -388,18 +505,18 @@ class PropagationSession:
                 return previous
         return fresh
 
-    def _step(self, s: int, prev: int, masks: Dict[int, np.ndarray], meeting: bool,
-              prev_box: Optional[CropBox]) -> Tuple[np.ndarray, float, int, bool, Optional[CropBox]]:
-        """Predict slice ``s``; returns (mask, quality, source slice, re-prompted, crop used)."""
+    def _prepare(self, s: int, prev: int, masks: Dict[int, np.ndarray], meeting: bool, prev_box: Optional[CropBox]
+                 ) -> Tuple[Optional[_Request], int, bool, Optional[CropBox]]:
+        """What predicting slice ``s`` needs: (model request or None when no prompt is in reach, source slice,
+        re-prompted, crop)."""
         st = self.settings
-        shape = self._slice(s).shape
         # The main prompt: the nearest non-empty prediction on this side (prev, or further back after empties).
         src = prev
         step = prev - s
         while src not in masks and abs(src - s) <= st.max_prompt_distance and 0 <= src < self.n:
             src += step
         if src not in masks:
-            return np.zeros(shape, bool), 0.0, -1, False, prev_box
+            return None, -1, False, prev_box
         box = self._box_for(masks[src], prev_box)
         reprompted = False
         cand = [k for k in masks if k != src and abs(k - s) <= st.max_prompt_distance and masks[k].any()]
@@ -428,8 +545,7 @@ class PropagationSession:
         imgs = [self._crop(k, box) for k in templates]
         pms = [render_prompt_maps(MaskPrompt(k, masks[k]), box, self.model.size) for k in templates]
         keys = [(self._uid, k, box) for k in [s] + templates]
-        prob, q = self.model.predict(self._crop(s, box), imgs, pms, [KIND_INDEX["mask"]] * len(templates), keys=keys)
-        return self._paste(prob, box, shape), q, src, reprompted, box
+        return _Request(self._crop(s, box), imgs, pms, [KIND_INDEX["mask"]] * len(templates), keys), src, reprompted, box
 
     def _seed_from_references(self, lo: int, hi: int) -> None:
         """One-Prompt mode without an anchor: find the slice the references match best and make it the seed."""

@@ -223,4 +223,66 @@ def test_empty_anchor_stops_propagation_on_its_side(oracle):
     s.add_prompt(MaskPrompt(26, np.zeros_like(truth[26], bool)))  # the user says: not here any more
     list(s.propagate())
     assert not s.result[26:].any()  # nothing beyond the empty anchor, although the image shows the object
-    assert s.result[21:23].any()  # the other side still propagates up to the middle
+    # The anchor with the object walks the whole gap: where the object ends in it is for the stop rule to find.
+    assert s.result[21:26].any(axis=(1, 2)).all()
+
+
+def test_batched_walks_give_the_same_result(model, demo):
+    """Both directions and every gap in one batched model call per step (the GPU path) == one walk at a time."""
+    img, truth, spacing = demo
+    zs = np.flatnonzero(truth.any(axis=(1, 2)))
+    anchors = (int(zs.min()) + 3, int(truth.sum(axis=(1, 2)).argmax()), int(zs.max()) - 3)
+    out = {}
+    for batch in (False, True):
+        s = _session(model, img, EngineSettings(batch_walks=batch), spacing=spacing)
+        for k in anchors:
+            s.add_prompt(MaskPrompt(k, truth[k].astype(bool)))
+        res = list(s.propagate())
+        assert [r.done for r in res] == list(range(1, len(res) + 1)) and res[-1].total == len(res)
+        out[batch] = (s.result.copy(), sorted(r.slice_index for r in res))
+    assert out[True][1] == out[False][1]
+    assert dice(out[True][0], out[False][0]) >= 0.999  # float summation order may differ by a pixel
+
+
+def test_predict_many_equals_predict(model, demo):
+    from OnePromptSegLib.engine import _Request
+    from OnePromptSegLib.prompts import render_prompt_maps
+    from OnePromptSegLib.crops import crop_around, extract
+
+    img, truth, spacing = demo
+    k0 = int(truth.sum(axis=(1, 2)).argmax())
+    box = crop_around(truth[k0].astype(bool), truth.shape[1:], spacing[:2], 0.6)
+    S = model.size
+    crop = lambda k: extract(img[k].astype(np.float32) / img.max(), box, S)  # noqa: E731
+    pm = lambda k: render_prompt_maps(MaskPrompt(k, truth[k].astype(bool)), box, S)  # noqa: E731
+    reqs = [_Request(crop(k0 + 1), [crop(k0)], [pm(k0)], [3], [("t", k0 + 1), ("t", k0)]),
+            _Request(crop(k0 - 2), [crop(k0), crop(k0 - 4), crop(k0 + 2)], [pm(k0), pm(k0 - 4), pm(k0 + 2)],
+                     [3, 3, 3], [("t", k0 - 2), ("t", k0), ("t", k0 - 4), ("t", k0 + 2)])]
+    many = model.predict_many(reqs)
+    for r, (p, q) in zip(reqs, many):
+        p1, q1 = model.predict(r.query, r.templates, r.prompts, r.kinds)  # no cache: a fresh forward pass
+        assert np.abs(p - p1).max() < 1e-4 and abs(q - q1) < 1e-4
+
+
+def test_several_labels_propagate_together(model, demo):
+    from OnePromptSegLib.engine import propagate_together
+
+    img, truth, spacing = demo
+    k0 = int(truth.sum(axis=(1, 2)).argmax())
+    other = np.zeros_like(truth)
+    other[k0 - 4:k0 + 5, 10:26, 10:26] = 1  # a second "label": a block in the corner
+    alone = []
+    for t in (truth, other):
+        s = _session(model, img, spacing=spacing)
+        s.add_prompt(MaskPrompt(k0, t[k0].astype(bool)))
+        list(s.propagate())
+        alone.append(s.result.copy())
+    sessions = []
+    for t in (truth, other):
+        s = _session(model, img, spacing=spacing)
+        s.add_prompt(MaskPrompt(k0, t[k0].astype(bool)))
+        sessions.append(s)
+    res = list(propagate_together(sessions, batch=True))
+    assert {i for i, _ in res} == {0, 1} and res[-1][1].done == res[-1][1].total == len(res)
+    for s, a in zip(sessions, alone):
+        assert dice(s.result, a) >= 0.999
