@@ -286,3 +286,30 @@ def test_several_labels_propagate_together(model, demo):
     assert {i for i, _ in res} == {0, 1} and res[-1][1].done == res[-1][1].total == len(res)
     for s, a in zip(sessions, alone):
         assert dice(s.result, a) >= 0.999
+
+
+class _UnsureModel:
+    """Probability 0.5 everywhere: the model has no opinion, so a blended gap shows the interpolated shape alone."""
+
+    size = 64
+
+    def predict(self, query, templates, prompts, kinds, keys=None):
+        return np.full((self.size, self.size), 0.5, np.float32), 1.0
+
+
+def test_short_gaps_blend_in_the_interpolated_shape():
+    yy, xx = np.mgrid[0:80, 0:80]
+    disc = lambda r: (yy - 40) ** 2 + (xx - 40) ** 2 <= r * r  # noqa: E731
+    img = np.zeros((30, 80, 80), np.float32)
+    img[0, 0, 0] = 1.0
+    areas = {}
+    for gap in (8, 4):  # drawn slices 10 and 18, interpolation allowed for gaps up to ``gap``
+        s = _session(_UnsureModel(), img, EngineSettings(interp_gap=gap, interp_weight=0.5, reprompt=False))
+        s.add_prompt(MaskPrompt(10, disc(6)))
+        s.add_prompt(MaskPrompt(18, disc(14)))
+        list(s.propagate(slice_range=(11, 17)))
+        areas[gap] = s.result[11:18].sum(axis=(1, 2))
+    r_mid = np.sqrt(areas[8][3] / np.pi)  # slice 14, halfway: radius ~ (6 + 14) / 2
+    assert abs(r_mid - 10) <= 0.7
+    assert np.all(np.diff(areas[8]) > 0)  # grows steadily from the small disc to the large one
+    assert not areas[4].any()  # gap 8 > interp_gap 4: no blending, and the unsure model alone finds nothing
