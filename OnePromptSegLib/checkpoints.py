@@ -103,6 +103,16 @@ class LoadedModel:
         self.model.to(device=device, dtype=self.dtype)
         self._cache.clear()
 
+    def _cpu_if_oom(self, fn, *args):
+        """``fn(*args)``; when CUDA runs out of memory, the model moves to the CPU (with a warning) and it runs again."""
+        try:
+            return fn(*args)
+        except torch.cuda.OutOfMemoryError:
+            warnings.warn("CUDA ran out of memory; continuing on the CPU", DeviceFallbackWarning)
+            torch.cuda.empty_cache()
+            self._to(torch.device("cpu"))
+            return fn(*args)
+
     @torch.no_grad()
     def predict(self, query: np.ndarray, templates: Sequence[np.ndarray], prompts: Sequence[np.ndarray],
                 kinds: Sequence[int], keys: Optional[Sequence[Any]] = None) -> Tuple[np.ndarray, float]:
@@ -114,13 +124,7 @@ class LoadedModel:
         if keys is None:
             probs, qual = self.predict_batch(query[None], [templates], [prompts], [kinds])
             return probs[0], float(qual[0])
-        try:
-            return self._predict_cached(query, templates, prompts, kinds, keys)
-        except torch.cuda.OutOfMemoryError:
-            warnings.warn("CUDA ran out of memory; continuing on the CPU", DeviceFallbackWarning)
-            torch.cuda.empty_cache()
-            self._to(torch.device("cpu"))
-            return self._predict_cached(query, templates, prompts, kinds, keys)
+        return self._cpu_if_oom(self._predict_cached, query, templates, prompts, kinds, keys)
 
     def _predict_cached(self, query, templates, prompts, kinds, keys) -> Tuple[np.ndarray, float]:
         images = [query] + list(templates)
@@ -149,13 +153,7 @@ class LoadedModel:
         """
         # Every image of the batch must stay cached until its decode: keep room for all of them.
         self.cache_size = max(self.cache_size, 2 * sum(len(r.keys) for r in requests))
-        try:
-            return self._predict_many(requests)
-        except torch.cuda.OutOfMemoryError:
-            warnings.warn("CUDA ran out of memory; continuing on the CPU", DeviceFallbackWarning)
-            torch.cuda.empty_cache()
-            self._to(torch.device("cpu"))
-            return self._predict_many(requests)
+        return self._cpu_if_oom(self._predict_many, requests)
 
     def _predict_many(self, requests: Sequence[Any]) -> List[Tuple[np.ndarray, float]]:
         todo: Dict[Any, np.ndarray] = {}
@@ -207,13 +205,7 @@ class LoadedModel:
                 T[b, k, 0], P[b, k], Kd[b, k], V[b, k] = t, p, kd, True
         args = [torch.from_numpy(np.asarray(queries, np.float32)[:, None]), torch.from_numpy(T), torch.from_numpy(P),
                 torch.from_numpy(Kd), torch.from_numpy(V)]
-        try:
-            return self._run(args)
-        except torch.cuda.OutOfMemoryError:
-            warnings.warn("CUDA ran out of memory; continuing on the CPU", DeviceFallbackWarning)
-            torch.cuda.empty_cache()
-            self._to(torch.device("cpu"))
-            return self._run(args)
+        return self._cpu_if_oom(self._run, args)
 
     def _run(self, args: List[torch.Tensor]) -> Tuple[np.ndarray, np.ndarray]:
         a = [x.to(self.device, dtype=self.dtype) if x.is_floating_point() else x.to(self.device) for x in args]

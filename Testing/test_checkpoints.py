@@ -123,3 +123,34 @@ def test_cuda_request_falls_back_to_cpu_with_a_warning():
     assert resolve_device("auto").type in ("cpu", "mps")
     with pytest.raises(CheckpointError, match="unknown device"):
         resolve_device("tpu")
+
+
+def test_out_of_memory_moves_to_the_cpu_and_answers(model):
+    """A CUDA OOM in the middle of a batch: a warning, the model on the CPU, and the same answer as without."""
+    import numpy as np
+
+    from OnePromptSegLib.engine import _Request
+
+    S = model.size
+    rng = np.random.default_rng(0)
+    img = rng.random((S, S)).astype(np.float32)
+    pm = np.zeros((4, S, S), np.float32)
+    pm[3, 30:60, 30:60] = 1
+    req = _Request(img, [img], [pm], [3], [("oom", 0), ("oom", 1)])
+    want = model.predict(img, [img], [pm], [3])
+    real_decode, calls = model.model.decode, []
+
+    def failing_decode(*a, **k):
+        calls.append(1)
+        if len(calls) == 1:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real_decode(*a, **k)
+
+    model.model.decode = failing_decode
+    try:
+        with pytest.warns(DeviceFallbackWarning, match="ran out of memory"):
+            (prob, q), = model.predict_many([req])
+    finally:
+        del model.model.decode  # back to the class's method
+    assert model.device.type == "cpu" and len(calls) == 2
+    assert np.abs(prob - want[0]).max() < 1e-4 and abs(q - want[1]) < 1e-4
