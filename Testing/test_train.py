@@ -78,7 +78,7 @@ def test_training_resumes_and_exports(data_dir, tmp_path):
     common = ["--out", out, "--data", data_dir, "--batch", "2", "--threads", "1", "--synth-pool", "2",
               "--superpixel-frac", "0.5", "--superpixel-pool", "2", "--correction", "0.2", "--save-every", "1000"]
     train.main(common + ["--steps", "3"])
-    train.main(common + ["--steps", "5"])  # resumes at step 3
+    train.main(common + ["--steps", "5", "--workers", "1"])  # resumes at step 3, batches from a worker process
     events = [json.loads(l) for l in open(os.path.join(out, "log.jsonl"))]
     starts = [e for e in events if e.get("event") == "start"]
     assert [e["step"] for e in starts] == [0, 3] and events[-1]["step"] == 5
