@@ -56,9 +56,10 @@ class EngineSettings:
     #: on the object's slices of a train/ subset (each step's slight excess is the next step's prompt); 0.7 gave
     #: Dice 0.68 against 0.65 there (30 tasks; BENCHMARKS.md), and first-slice box/click Dice within 0.01
     threshold: float = 0.7
-    #: crop margin on each side, as a fraction of the object's extent.  0.4: with threshold 0.7 it gave Dice 0.698
-    #: on 30 train/ tasks against 0.680 at 0.6 (0.3-0.45 within 0.002 of it; 0.8 worse; BENCHMARKS.md)
-    margin: float = 0.4
+    #: crop margin on each side, as a fraction of the object's extent.  0.4 gave Dice 0.698 from the largest slice
+    #: on 30 train/ tasks against 0.680 at 0.6, but walks from a small drawn slice towards a growing object then fall
+    #: behind (demo volume, three drawn slices: 0.755 against 0.841), so 0.6 stays (BENCHMARKS.md)
+    margin: float = 0.6
     min_area_px: int = 3  #: a prediction smaller than this (pixels) counts as empty
     ssim_sigma: float = 1.0  #: blur (pixels at the model's input size) before SSIM
     #: run the independent walks (both directions, every gap between anchors) in lockstep, one batched model call
