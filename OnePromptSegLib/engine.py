@@ -358,16 +358,20 @@ class PropagationSession:
         """The crop's probabilities on the slice grid, thresholded; averaged first with ``prior`` (a full slice of
         probabilities) where one is given."""
         vals, (rs, cs) = paste(prob, box, shape)
-        thr = self.settings.threshold
-        if prior is not None:
-            w = self.settings.interp_weight
-            vals = (1 - w) * vals + w * prior[rs, cs]
-            thr = (1 - w) * thr + w * 0.5  # each at its own decision boundary adds nothing either way
         out = np.zeros(shape, bool)
-        out[rs, cs] = vals > thr
+        out[rs, cs] = self._decide(vals, None if prior is None else prior[rs, cs])
         if out.sum() < self.settings.min_area_px:
             out[:] = False
         return out
+
+    def _decide(self, prob: np.ndarray, prior: Optional[np.ndarray]) -> np.ndarray:
+        """Probabilities -> mask, averaged first with ``prior`` (weight ``interp_weight``) where one is given."""
+        thr = self.settings.threshold
+        if prior is not None:
+            w = self.settings.interp_weight
+            prob = (1 - w) * prob + w * prior
+            thr = (1 - w) * thr + w * 0.5  # each at its own decision boundary adds nothing either way
+        return prob > thr
 
     # ------------------------------------------------------------------------------------------ propagation
     def propagate(self, direction: str = "both", slice_range: Optional[Tuple[int, int]] = None
@@ -452,14 +456,7 @@ class PropagationSession:
                 m = self._result_slice(k).astype(bool)
                 if m.any():
                     masks[k] = m
-        prior = None
-        if kind == "gap" and start in masks and far in masks and 1 < far - start <= st.interp_gap and st.interp_weight > 0:
-            sa, sb = _signed_distance(masks[start], self.spacing), _signed_distance(masks[far], self.spacing)
-            tau = min(self.spacing)
-
-            def prior(k: int) -> np.ndarray:
-                t = (k - start) / (far - start)
-                return 1.0 / (1.0 + np.exp(-np.clip(((1 - t) * sa + t * sb) / tau, -30, 30)))
+        prior = self._gap_prior(start, far) if kind == "gap" else None
         stopped: Dict[int, bool] = {1: False, -1: False}
         empties: Dict[int, int] = {1: 0, -1: 0}
         boxes: Dict[int, Optional[CropBox]] = {1: None, -1: None}
@@ -493,6 +490,20 @@ class PropagationSession:
             if empties[side] >= st.stop_after_empty:
                 stopped[side] = True
             yield SliceResult(s, mask, q, rep, 0, 0, src)
+
+    def _gap_prior(self, a: int, b: int):
+        """slice -> interpolated-shape probabilities between anchors a and b, or None where not used."""
+        st = self.settings
+        if not (1 < b - a <= st.interp_gap and st.interp_weight > 0 and self.anchors[a].any()
+                and self.anchors[b].any()):
+            return None
+        sa, sb = _signed_distance(self.anchors[a], self.spacing), _signed_distance(self.anchors[b], self.spacing)
+        tau = min(self.spacing)
+
+        def prior(k: int) -> np.ndarray:
+            t = (k - a) / (b - a)
+            return 1.0 / (1.0 + np.exp(-np.clip(((1 - t) * sa + t * sb) / tau, -30, 30)))
+        return prior
 
     def _store(self, s: int, mask: np.ndarray, q: float) -> None:
         if s in self.anchors:  # never overwrite a locked slice

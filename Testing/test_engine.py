@@ -93,7 +93,7 @@ def test_cancel_keeps_earlier_slices_and_resumes(oracle):
 
 def test_two_anchors_meet_in_the_middle(oracle):
     img, truth = bright_object_volume()
-    s = _session(oracle, img)
+    s = _session(oracle, img, EngineSettings(interp_weight=0.0, threshold=0.5))
     s.add_prompt(MaskPrompt(10, truth[10].astype(bool)))
     s.add_prompt(MaskPrompt(26, truth[26].astype(bool)))
     order = [r.slice_index for r in s.propagate() if 10 < r.slice_index < 26]
