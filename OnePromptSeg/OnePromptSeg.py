@@ -618,10 +618,11 @@ class OnePromptSegLogic(ScriptedLoadableModuleLogic):
             warnings.simplefilter("always")
             if progressCallback:
                 progressCallback(message=_("Loading the model..."))
-            settings = EngineSettings(reprompt=bool(reprompt))
+            model = self.loadModel(modelName, device)
+            settings = EngineSettings.for_model(model, reprompt=bool(reprompt))
             if ssimThreshold is not None:
                 settings.ssim_threshold = float(ssimThreshold)
-            session = PropagationSession(self.loadModel(modelName, device), settings)
+            session = PropagationSession(model, settings)
             session.set_volume(image, axis, spacing)
             if progressCallback:
                 progressCallback(message=_("Segmenting the prompted slice(s)..."))

@@ -72,7 +72,7 @@ def cmd_speed(args: argparse.Namespace) -> int:
         vol[k] = np.where(m, 300, 40).astype(vol.dtype)
     vol_mb = vol.nbytes / 2 ** 20
     model = load_model(args.model, args.device)
-    sess = PropagationSession(model, EngineSettings())
+    sess = PropagationSession(model, EngineSettings.for_model(model))
     sess.set_volume(vol, "k", (0.7, 0.7, 1.5))
     k0 = D // 2
     sess.add_prompt(MaskPrompt(k0, obj[k0]))
@@ -140,7 +140,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     warnings.simplefilter("ignore")
     model = load_model(args.model, args.device)
-    settings = EngineSettings(reprompt=not args.no_reprompt)
+    settings = EngineSettings.for_model(model, reprompt=not args.no_reprompt)
     if args.ssim_threshold is not None:
         settings.ssim_threshold = args.ssim_threshold
     if args.max_templates is not None:

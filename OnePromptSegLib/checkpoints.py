@@ -307,8 +307,12 @@ def save_weights(state_dict: Dict[str, torch.Tensor], config: ModelConfig, name:
 
 def add_manifest_entry(name: str, path: str, config: ModelConfig, training: Dict[str, Any],
                        make_default: bool = False, manifest_path: Optional[str] = None,
-                       results: Optional[Dict[str, Any]] = None, url: Optional[str] = None) -> Dict[str, Any]:
-    """Add or replace ``name`` in the manifest, with sha256, size, architecture and training record."""
+                       results: Optional[Dict[str, Any]] = None, url: Optional[str] = None,
+                       engine: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """Add or replace ``name`` in the manifest, with sha256, size, architecture and training record.
+
+    ``engine``: engine settings calibrated for this checkpoint (``EngineSettings.for_model`` applies them).
+    """
     man, mpath = _read_manifest(manifest_path)
     base = os.path.dirname(os.path.abspath(mpath))
     entry = {
@@ -324,6 +328,8 @@ def add_manifest_entry(name: str, path: str, config: ModelConfig, training: Dict
     }
     if results:
         entry["results"] = results
+    if engine:
+        entry["engine"] = engine
     models = [e for e in man.get("models", []) if e.get("name") != name] + [entry]
     man["models"] = models
     if make_default or not man.get("default"):

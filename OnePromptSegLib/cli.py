@@ -206,7 +206,7 @@ def cmd_propagate(args: argparse.Namespace) -> int:
         raise UsageError(f"-o {args.output}: folder {out_dir} does not exist")
     prompts = build_prompts(args, vol)
     model = load_model(args.model, args.device)
-    settings = EngineSettings(reprompt=not args.no_reprompt)
+    settings = EngineSettings.for_model(model, reprompt=not args.no_reprompt)
     if args.ssim_threshold is not None:
         settings.ssim_threshold = args.ssim_threshold
     if args.max_templates is not None:
@@ -236,7 +236,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"demo volume {img.shape[::-1]} (i,j,k), spacing {spacing} mm; one drawn slice k={k0}; "
           f"model {model.name} on {model.device}")
     t0 = time.time()
-    mask = run_propagation(model, vol, [MaskPrompt(k0, truth[k0].astype(bool))], 2, EngineSettings(),
+    mask = run_propagation(model, vol, [MaskPrompt(k0, truth[k0].astype(bool))], 2, EngineSettings.for_model(model),
                            progress=Progress("propagating"))
     dt = time.time() - t0
     steps = img.shape[0] - 1

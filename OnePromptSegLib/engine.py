@@ -1,6 +1,6 @@
 """Slice propagation: a small session object in the spirit of SAM2's video predictor.
 
-    sess = PropagationSession(load_model(), EngineSettings())
+    sess = PropagationSession(load_model())            # settings: EngineSettings.for_model(model)
     sess.set_volume(array_kji, axis="k", spacing_ijk=(0.8, 0.8, 2.0))
     sess.add_prompt(MaskPrompt(30, mask2d))          # or Click / BBox / Doodle: segmented in interactive mode
     for r in sess.propagate():                        # a generator: show progress, stop iterating to cancel
@@ -72,6 +72,17 @@ class EngineSettings:
     #: needed from 13.2 to 11.6; weights 0.5-0.7 and larger gaps were within 0.1 of it.
     interp_gap: int = 24
     interp_weight: float = 0.5
+
+
+    @classmethod
+    def for_model(cls, model, **overrides) -> "EngineSettings":
+        """The defaults with the checkpoint's own calibrated values (its manifest entry's ``engine`` block, e.g.
+        the mask threshold, which moves from one checkpoint to the next), then ``overrides``."""
+        own = dict(getattr(model, "entry", None) or {}).get("engine", {})
+        unknown = set(own) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise PromptError(f"the checkpoint's manifest entry sets unknown engine settings {sorted(unknown)}")
+        return cls(**{**own, **overrides})
 
 
 class SeedWarning(UserWarning):
@@ -211,7 +222,7 @@ class PropagationSession:
     def __init__(self, model: LoadedModel, settings: Optional[EngineSettings] = None):
         self.model = model
         self._uid = next(_SESSION_IDS)
-        self.settings = settings or EngineSettings()
+        self.settings = settings or EngineSettings.for_model(model)
         self.volume: Optional[np.ndarray] = None
         self.anchors: Dict[int, np.ndarray] = {}
         self.quality: Dict[int, float] = {}
@@ -556,8 +567,11 @@ class PropagationSession:
             other = s + 1 if src < s else s - 1
             if other in masks:
                 extra.append(other)
-        extra += sorted((k for k in self.anchors if k in masks), key=lambda k: abs(k - s))
-        extra += sorted(cand, key=lambda k: abs(k - s))
+        # Beyond the meeting slice, only slices on the main prompt's side: a drawn slice on the far side, rendered
+        # in a crop made for this side's object, can make the model lose the object (seen with onepromptseg-v2).
+        behind = [k for k in masks if (k - s) * (src - s) > 0]
+        extra += sorted((k for k in self.anchors if k in behind), key=lambda k: abs(k - s))
+        extra += sorted((k for k in cand if k in behind), key=lambda k: abs(k - s))
         for k in extra:
             if len(templates) >= st.max_templates:
                 break

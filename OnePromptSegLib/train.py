@@ -495,6 +495,35 @@ def _save(model, opt, step, path):
     os.replace(tmp, path)
 
 
+def _engine_settings(items: List[str]) -> dict:
+    """``--engine threshold=0.8`` -> {"threshold": 0.8}, checked against EngineSettings' fields and types."""
+    from .engine import EngineSettings
+
+    out = {}
+    defaults = EngineSettings()
+    for item in items:
+        name, _, value = item.partition("=")
+        if name not in EngineSettings.__dataclass_fields__ or not value:
+            raise SystemExit(f"--engine {item}: expected NAME=VALUE with NAME one of "
+                             f"{', '.join(EngineSettings.__dataclass_fields__)}")
+        kind = type(getattr(defaults, name))
+        out[name] = value.lower() in ("1", "true", "yes") if kind is bool else kind(value)
+    return out
+
+
+def _training_seconds(events: List[dict]) -> float:
+    """Wall time of all segments of a run, including those stopped by hand (no 'end' event: their last log line)."""
+    total, seg = 0.0, 0.0
+    for e in events:
+        if e.get("event") == "start":
+            total, seg = total + seg, 0.0
+        elif e.get("event") == "end":
+            seg = max(seg, float(e.get("seconds", 0)))
+        else:
+            seg = max(seg, float(e.get("elapsed", 0)))
+    return total + seg
+
+
 def export(args: argparse.Namespace) -> None:
     """Write the fp16 weights of a run under Resources/Models and its entry in weights_manifest.json."""
     from .checkpoints import add_manifest_entry, save_weights
@@ -503,13 +532,12 @@ def export(args: argparse.Namespace) -> None:
     cfg = ModelConfig.from_dict(st["config"])
     events = [json.loads(l) for l in open(os.path.join(args.export, "log.jsonl")) if l.strip()]
     starts = [e for e in events if e.get("event") == "start"]
-    ends = [e for e in events if e.get("event") == "end"]
     targs = starts[0]["args"] if starts else {}
 
     def command(a: dict) -> str:
         return "python -m OnePromptSegLib.train " + " ".join(
             f"--{k.replace('_', '-')} {shlex.quote(str(v))}" for k, v in a.items()
-            if k not in ("export", "name", "default", "machine", "manifest") and v not in (None, ""))
+            if k not in ("export", "name", "default", "machine", "manifest", "engine") and v not in (None, "", []))
 
     # A run resumed with other arguments (more steps, fewer threads) lists each command in order, at its step.
     cmds = [f"from step {e['step']}: {command(e['args'])}" for e in starts]
@@ -518,9 +546,9 @@ def export(args: argparse.Namespace) -> None:
     folder = os.path.join(os.path.dirname(os.path.abspath(args.manifest)), "Resources", "Models") if args.manifest else None
     path = save_weights({k: v for k, v in st["model"].items() if k in own}, cfg, args.name, folder)
     add_manifest_entry(args.name, path, cfg, training=dict(
-        command=cmd, steps=st["step"], seconds=round(sum(e.get("seconds", 0) for e in ends), 1),
+        command=cmd, steps=st["step"], seconds=round(_training_seconds(events), 1),
         machine=args.machine, seed=targs.get("seed")), make_default=args.default,
-        manifest_path=args.manifest or None)
+        manifest_path=args.manifest or None, engine=_engine_settings(args.engine))
     print(f"exported {path}")
 
 
@@ -554,6 +582,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     ap.add_argument("--name", default="onepromptseg-v1")
     ap.add_argument("--machine", default="", help="recorded in the manifest, e.g. '2-core CPU'")
     ap.add_argument("--default", action="store_true", help="make the exported checkpoint the default")
+    ap.add_argument("--engine", action="append", default=[], metavar="NAME=VALUE",
+                    help="with --export: an engine setting calibrated for this checkpoint, e.g. threshold=0.8")
     ap.add_argument("--manifest", default="", help="export into this manifest (weights to Resources/Models beside it) "
                     "instead of the project's weights_manifest.json")
     args = ap.parse_args(argv)

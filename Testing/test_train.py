@@ -83,10 +83,18 @@ def test_training_resumes_and_exports(data_dir, tmp_path):
     starts = [e for e in events if e.get("event") == "start"]
     assert [e["step"] for e in starts] == [0, 3] and events[-1]["step"] == 5
     man = str(tmp_path / "weights_manifest.json")
-    train.main(["--export", out, "--name", "tiny-run", "--manifest", man, "--machine", "test"])
+    train.main(["--export", out, "--name", "tiny-run", "--manifest", man, "--machine", "test",
+                "--engine", "threshold=0.8"])
     entry = json.load(open(man))["models"][0]
     assert entry["training"]["steps"] == 5
+    assert entry["training"]["seconds"] > 0  # both segments counted, the first had no end event
     assert entry["training"]["command"].startswith("from step 0: python -m OnePromptSegLib.train")
     assert "from step 3:" in entry["training"]["command"] and "--superpixel-frac 0.5" in entry["training"]["command"]
     lm = load_model("tiny-run", "cpu", manifest_path=man)  # sha256 checked, weights_only load
     assert lm.model.config.size == 96
+    from OnePromptSegLib.engine import EngineSettings, PropagationSession
+    assert entry["engine"] == {"threshold": 0.8}
+    assert PropagationSession(lm).settings.threshold == 0.8  # the checkpoint's calibration is applied
+    assert EngineSettings.for_model(lm, threshold=0.6).threshold == 0.6  # and explicit settings win
+    with pytest.raises(SystemExit, match="expected NAME=VALUE"):
+        train.main(["--export", out, "--name", "x", "--manifest", man, "--engine", "thresh=0.8"])
