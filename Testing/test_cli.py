@@ -57,7 +57,7 @@ def test_propagate_one_drawn_slice_keeps_geometry(files, capsys, tmp_path):
     assert res.GetSize() == ref.GetSize()
     assert np.allclose(res.GetSpacing(), ref.GetSpacing()) and np.allclose(res.GetOrigin(), ref.GetOrigin())
     assert np.allclose(res.GetDirection(), ref.GetDirection())
-    assert dice(sitk.GetArrayFromImage(res), files["truth"]) >= 0.80  # measured 0.84 (v1, CPU)
+    assert dice(sitk.GetArrayFromImage(res), files["truth"]) >= 0.85  # measured 0.90 (v2, CPU)
     assert png.exists() and png.stat().st_size > 1000
     assert "slices" in err  # the progress bar went to stderr
 
@@ -70,7 +70,7 @@ def test_several_anchor_slices_and_seg_nrrd(files, capsys, tmp_path):
                         "-q"], capsys)
     assert code == 0, err
     m = read_segmentation_mask(str(out))
-    assert dice(m, files["truth"]) >= 0.80  # measured 0.84
+    assert dice(m, files["truth"]) >= 0.80  # measured 0.84 (v2, CPU)
 
 
 def test_slices_names_drawn_empty_slices(files, capsys, tmp_path):
