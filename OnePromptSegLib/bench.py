@@ -147,12 +147,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         settings.max_templates = args.max_templates
     if args.no_stop:
         settings.stop_after_empty = 10 ** 9
-    for item in args.set:
-        name, _, value = item.partition("=")
-        if name not in EngineSettings.__dataclass_fields__:
-            raise PromptError(f"--set {item}: unknown setting (known: {', '.join(EngineSettings.__dataclass_fields__)})")
-        kind = type(getattr(settings, name))
-        setattr(settings, name, value.lower() in ("1", "true", "yes") if kind is bool else kind(value))
+    for name, value in EngineSettings.parse(args.set).items():
+        setattr(settings, name, value)
     kinds = [k for k in args.kinds.split(",") if k]
     rows: List[Dict] = []
     worst = None

@@ -151,7 +151,8 @@ class LoadedModel:
         and ``keys`` (as ``predict``'s arguments).  Encoder features are cached as in ``predict``; templates are
         padded to the largest K and masked, so each result equals its own ``predict``.
         """
-        # Every image of the batch must stay cached until its decode: keep room for all of them.
+        # Room for two steps' images of every walk, so that a query's features are still there when the next step
+        # reads that slice as a template.
         self.cache_size = max(self.cache_size, 2 * sum(len(r.keys) for r in requests))
         return self._cpu_if_oom(self._predict_many, requests)
 

@@ -85,6 +85,22 @@ class EngineSettings:
         return cls(**{**own, **overrides})
 
 
+    @classmethod
+    def parse(cls, items: Sequence[str], option: str = "--set") -> Dict[str, object]:
+        """['threshold=0.8', 'reprompt=no'] -> {'threshold': 0.8, 'reprompt': False}, checked against the fields and
+        typed like their defaults (command-line sweeps and per-checkpoint calibration)."""
+        defaults = cls()
+        out: Dict[str, object] = {}
+        for item in items:
+            name, _, value = item.partition("=")
+            if name not in cls.__dataclass_fields__ or not value:
+                raise PromptError(f"{option} {item}: expected NAME=VALUE with NAME one of "
+                                  f"{', '.join(cls.__dataclass_fields__)}")
+            kind = type(getattr(defaults, name))
+            out[name] = value.lower() in ("1", "true", "yes") if kind in (bool, type(None)) else kind(value)
+        return out
+
+
 class SeedWarning(UserWarning):
     """One-Prompt mode chose a seed slice in this volume (the message says which and with what quality)."""
 

@@ -495,22 +495,6 @@ def _save(model, opt, step, path):
     os.replace(tmp, path)
 
 
-def _engine_settings(items: List[str]) -> dict:
-    """``--engine threshold=0.8`` -> {"threshold": 0.8}, checked against EngineSettings' fields and types."""
-    from .engine import EngineSettings
-
-    out = {}
-    defaults = EngineSettings()
-    for item in items:
-        name, _, value = item.partition("=")
-        if name not in EngineSettings.__dataclass_fields__ or not value:
-            raise SystemExit(f"--engine {item}: expected NAME=VALUE with NAME one of "
-                             f"{', '.join(EngineSettings.__dataclass_fields__)}")
-        kind = type(getattr(defaults, name))
-        out[name] = value.lower() in ("1", "true", "yes") if kind is bool else kind(value)
-    return out
-
-
 def _training_seconds(events: List[dict]) -> float:
     """Wall time of all segments of a run, including those stopped by hand (no 'end' event: their last log line)."""
     total, seg = 0.0, 0.0
@@ -528,6 +512,13 @@ def export(args: argparse.Namespace) -> None:
     """Write the fp16 weights of a run under Resources/Models and its entry in weights_manifest.json."""
     from .checkpoints import add_manifest_entry, save_weights
 
+    from .engine import EngineSettings
+    from .prompts import PromptError
+
+    try:
+        engine = EngineSettings.parse(args.engine, "--engine")
+    except PromptError as e:
+        raise SystemExit(str(e)) from None
     st = torch.load(os.path.join(args.export, "last.pt"), map_location="cpu", weights_only=False)
     cfg = ModelConfig.from_dict(st["config"])
     events = [json.loads(l) for l in open(os.path.join(args.export, "log.jsonl")) if l.strip()]
@@ -548,7 +539,7 @@ def export(args: argparse.Namespace) -> None:
     add_manifest_entry(args.name, path, cfg, training=dict(
         command=cmd, steps=st["step"], seconds=round(_training_seconds(events), 1),
         machine=args.machine, seed=targs.get("seed")), make_default=args.default,
-        manifest_path=args.manifest or None, engine=_engine_settings(args.engine))
+        manifest_path=args.manifest or None, engine=engine)
     print(f"exported {path}")
 
 
