@@ -149,6 +149,19 @@ class Progress:
         self.stream.flush()
 
 
+def _surroundings(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """The voxels around the object (its bounding box grown by its own size on each side), or the whole image when
+    the mask is empty: the preview's grey window comes from them, so a CT's air and bone do not wash out the organ."""
+    if not mask.any():
+        return image
+    box = []
+    for d in range(3):
+        idx = np.flatnonzero(mask.any(axis=tuple(o for o in range(3) if o != d)))
+        size = idx[-1] - idx[0] + 1
+        box.append(slice(max(0, idx[0] - size), idx[-1] + size + 1))
+    return image[tuple(box)]
+
+
 def write_preview(path: str, image: np.ndarray, mask: np.ndarray, axis: int, n: int = 12,
                   truth: Optional[np.ndarray] = None) -> None:
     """A PNG montage of up to ``n`` slices through the object with the mask outlined in red (truth in green)."""
@@ -160,7 +173,7 @@ def write_preview(path: str, image: np.ndarray, mask: np.ndarray, axis: int, n: 
     present = np.flatnonzero((mask if truth is None else (mask > 0) | (truth > 0)).any(axis=other))
     picks = np.linspace(present.min(), present.max(), min(n, len(present))).round().astype(int) if len(present) else \
         np.linspace(0, image.shape[a] - 1, min(n, image.shape[a])).round().astype(int)
-    lo, hi = np.percentile(image, [1, 99])
+    lo, hi = np.percentile(_surroundings(image, mask if truth is None else (mask > 0) | (truth > 0)), [1, 99])
     tiles = []
     for s in picks:
         im = np.clip((np.take(image, s, a).astype(np.float32) - lo) / max(hi - lo, 1e-6), 0, 1)

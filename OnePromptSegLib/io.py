@@ -121,26 +121,50 @@ def read_volume(path: PathLike) -> Volume:
 def read_label_volume(path: PathLike, reference: Volume) -> np.ndarray:
     """Read a label map (e.g. a prompt mask) that must lie on ``reference``'s voxel grid; returns integers (k, j, i).
 
-    The size must match exactly and spacing, origin and direction within 1e-3 (relative and absolute): the mask is
-    used voxel for voxel, never resampled.
+    Spacing and direction must match within 1e-3 (relative and absolute) and the origin must fall on one of the
+    image's voxels: the mask is used voxel for voxel, never resampled.  A mask cropped to its own extent (Slicer
+    saves a ``.seg.nrrd`` that way) is placed back into the image's grid; foreground outside the image is an error.
     """
     label = read_volume(path)
-    same_grid = (label.array.shape == reference.array.shape and all(
-        np.allclose(a, b, rtol=1e-3, atol=1e-3) for a, b in ((label.spacing, reference.spacing),
-                                                                (label.origin, reference.origin),
-                                                                (label.direction, reference.direction))))
-    if not same_grid:
+    offset = _grid_offset(label, reference)
+    if offset is None:
         raise VolumeIOError(f"{label.path}: the prompt mask must be on the image's grid (mask size "
                             f"{label.array.shape[::-1]}, spacing {_fmt(label.spacing)}, origin {_fmt(label.origin)}; "
                             f"image size {reference.array.shape[::-1]}, spacing {_fmt(reference.spacing)}, origin "
                             f"{_fmt(reference.origin)}); resample or export it with the image as reference")
     array = label.array
-    if np.issubdtype(array.dtype, np.integer) or array.dtype == bool:
+    if not (np.issubdtype(array.dtype, np.integer) or array.dtype == bool):
+        if not np.all(np.isfinite(array)) or not np.array_equal(array, np.round(array)):
+            raise VolumeIOError(f"{label.path}: has non-integer voxel values; a prompt mask must be a label map "
+                                "(0 = background, integer labels)")
+        array = array.astype(np.int32)
+    if offset == (0, 0, 0) and array.shape == reference.array.shape:
         return array
-    if not np.all(np.isfinite(array)) or not np.array_equal(array, np.round(array)):
-        raise VolumeIOError(f"{label.path}: has non-integer voxel values; a prompt mask must be a label map "
-                            "(0 = background, integer labels)")
-    return array.astype(np.int32)
+    # Embed the cropped mask: its part inside the image is copied, and nothing drawn may lie outside.
+    full = np.zeros(reference.array.shape, array.dtype)
+    dst = tuple(slice(max(0, o), min(n, o + m)) for o, m, n in zip(offset, array.shape, reference.array.shape))
+    src = tuple(slice(d.start - o, d.stop - o) for d, o in zip(dst, offset))
+    if all(d.stop > d.start for d in dst):
+        full[dst] = array[src]
+    if np.count_nonzero(full) != np.count_nonzero(array):
+        raise VolumeIOError(f"{label.path}: part of the prompt mask lies outside the image (mask origin "
+                            f"{_fmt(label.origin)}, size {array.shape[::-1]}; image size {reference.array.shape[::-1]}"
+                            "); draw the prompt on the image it is used with")
+    return full
+
+
+def _grid_offset(label: Volume, reference: Volume) -> Optional[Tuple[int, int, int]]:
+    """(k, j, i) index of ``label``'s first voxel in ``reference``'s grid, or None when the two grids differ
+    (spacing, direction, or an origin between voxels)."""
+    if not all(np.allclose(a, b, rtol=1e-3, atol=1e-3) for a, b in ((label.spacing, reference.spacing),
+                                                                    (label.direction, reference.direction))):
+        return None
+    lps_to_ijk = np.linalg.inv(reference.ijk_to_lps())
+    ijk = (lps_to_ijk @ np.append(np.asarray(label.origin, float), 1.0))[:3]
+    if not np.allclose(ijk, np.round(ijk), atol=1e-2):
+        return None
+    i, j, k = (int(v) for v in np.round(ijk))
+    return k, j, i
 
 
 def _fmt(values: Sequence[float]) -> str:

@@ -197,3 +197,20 @@ def test_bench_and_speed_commands(tmp_path, capsys):
     assert code == 0, err
     sp = json.loads(stdout.strip().splitlines()[-1])
     assert sp["slices"] == 11 and sp["peak_rss_mb"] > 0 and sp["dice"] > 0.5
+
+
+def test_preview_window_comes_from_around_the_object(tmp_path):
+    """A CT's air and bone must not wash out a soft-tissue organ: the organ's 40 vs 80 HU reads as clear contrast."""
+    from skimage.io import imread
+
+    from OnePromptSegLib.cli import write_preview
+
+    ct = np.full((6, 64, 64), -1000, np.int16)  # air
+    ct[:, 8:56, 8:56] = 40  # soft tissue
+    ct[:, 30:34, 8:56] = 80  # a brighter band through the organ
+    ct[:, 0:4, :] = 1500  # bone at the edge of the image
+    mask = np.zeros(ct.shape, bool)
+    mask[:, 24:40, 24:40] = True
+    write_preview(str(tmp_path / "p.png"), ct, mask, axis=2, n=1)
+    tile = imread(str(tmp_path / "p.png"))[..., 1]  # green channel: the grey image where no outline is drawn
+    assert int(tile[32, 20]) - int(tile[20, 20]) > 150  # band vs tissue, just outside the outline

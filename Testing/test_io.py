@@ -167,8 +167,9 @@ def test_label_map_on_other_grid_is_rejected(tmp_path):
     sitk.WriteImage(other_spacing.to_sitk(make_mask().astype(np.uint8)), str(tmp_path / "a.nrrd"))
     with pytest.raises(VolumeIOError, match="must be on the image's grid"):
         io.read_label_volume(tmp_path / "a.nrrd", ref)
-    smaller = Volume(ref.array[:-1], ref.spacing, ref.origin, ref.direction)
-    sitk.WriteImage(smaller.to_sitk(), str(tmp_path / "b.nrrd"))
+    half_voxel = tuple(np.asarray(ref.origin) + np.reshape(ref.direction, (3, 3)) @ (0.5 * np.asarray(ref.spacing)))
+    between = Volume(ref.array[:-1], ref.spacing, half_voxel, ref.direction)
+    sitk.WriteImage(between.to_sitk(), str(tmp_path / "b.nrrd"))
     with pytest.raises(VolumeIOError, match="must be on the image's grid"):
         io.read_label_volume(tmp_path / "b.nrrd", ref)
     # A float label map with integer values is accepted; fractional values are not.
@@ -177,6 +178,31 @@ def test_label_map_on_other_grid_is_rejected(tmp_path):
     sitk.WriteImage(ref.to_sitk(make_mask() * np.float32(0.5)), str(tmp_path / "d.nrrd"))
     with pytest.raises(VolumeIOError, match="non-integer"):
         io.read_label_volume(tmp_path / "d.nrrd", ref)
+
+
+def _cropped(ref: Volume, mask: np.ndarray, start_kji) -> Volume:
+    """``mask[start:]``-sized crop geometry: the grid of ``ref`` shifted by whole voxels (may start outside it)."""
+    k, j, i = start_kji
+    origin = tuple(np.asarray(ref.origin) + np.reshape(ref.direction, (3, 3)) @ (np.asarray(ref.spacing) * (i, j, k)))
+    return Volume(mask, ref.spacing, origin, ref.direction)
+
+
+def test_cropped_label_map_is_placed_back_on_the_image_grid(tmp_path):
+    """Slicer saves a segmentation cropped to its extent: the crop is put back voxel for voxel, not resampled."""
+    ref = make_volume()
+    full = make_mask()
+    full[2, 0, 0] = False
+    crop = full[1:4, 2:5, 3:8].astype(np.uint8)
+    sitk.WriteImage(_cropped(ref, crop, (1, 2, 3)).to_sitk(), str(tmp_path / "crop.seg.nrrd"))
+    np.testing.assert_array_equal(io.read_label_volume(tmp_path / "crop.seg.nrrd", ref), full)
+    # A crop reaching past the image is fine where it is empty there, an error where something is drawn there.
+    pad = np.zeros((7, 5, 9), np.uint8)  # slices -1..5 of 0..4, columns 2..10 of 0..8
+    pad[2:5, 1:4, 1:6] = crop
+    sitk.WriteImage(_cropped(ref, pad, (-1, 1, 2)).to_sitk(), str(tmp_path / "pad.nrrd"))
+    np.testing.assert_array_equal(io.read_label_volume(tmp_path / "pad.nrrd", ref), full)
+    sitk.WriteImage(_cropped(ref, crop, (3, 2, 3)).to_sitk(), str(tmp_path / "out.nrrd"))
+    with pytest.raises(VolumeIOError, match="lies outside the image"):
+        io.read_label_volume(tmp_path / "out.nrrd", ref)
 
 
 def test_write_errors(tmp_path):
