@@ -180,7 +180,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
             d = row["dice1"]
             while d < 0.90 and len(anchors) < args.max_anchors:
                 per = [dice(pred[z], gt[z]) if (gt[z].any() or pred[z].any()) else 1.0 for z in range(gt.shape[0])]
-                cand = [int(z) for z in np.argsort(per, kind="stable") if int(z) not in anchors]
+                # numpy's default sort, as the reference script: among equally bad slices (often several at Dice 0)
+                # it decides which one is drawn, and a stable sort (lowest index first) drew different slices
+                cand = [int(z) for z in np.argsort(per) if int(z) not in anchors]
                 if not cand:
                     break
                 anchors.append(cand[0])

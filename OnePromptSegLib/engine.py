@@ -28,7 +28,7 @@ from __future__ import annotations
 import itertools
 import warnings
 from dataclasses import dataclass
-from typing import Dict, Iterator, List, Optional, Sequence, Set, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Set, Tuple
 
 import numpy as np
 
@@ -72,6 +72,11 @@ class EngineSettings:
     #: needed from 13.2 to 11.6; weights 0.5-0.7 and larger gaps were within 0.1 of it.
     interp_gap: int = 24
     interp_weight: float = 0.5
+    #: the interpolation's weight grows as drawn slices get closer: ``interp_weight`` for gaps of ``interp_ramp``
+    #: slices and more, rising linearly to 1 (interpolation alone) for a single missing slice; 2 or less = no ramp.
+    #: Calibrated on two train/ subsets (BENCHMARKS.md): drawn slices to 0.90 from 11.45 / 8.95 (no ramp) to
+    #: 11.0 / 8.37 (18); 6, 12 and 24 were in between
+    interp_ramp: int = 18
 
 
     @classmethod
@@ -381,21 +386,20 @@ class PropagationSession:
         return self._paste(prob, box, self._slice(s).shape)
 
     def _paste(self, prob: np.ndarray, box: CropBox, shape: Tuple[int, int],
-               prior: Optional[np.ndarray] = None) -> np.ndarray:
+               prior: Optional[np.ndarray] = None, weight: float = 0.0) -> np.ndarray:
         """The crop's probabilities on the slice grid, thresholded; averaged first with ``prior`` (a full slice of
-        probabilities) where one is given."""
+        probabilities, weight ``weight``) where one is given."""
         vals, (rs, cs) = paste(prob, box, shape)
         out = np.zeros(shape, bool)
-        out[rs, cs] = self._decide(vals, None if prior is None else prior[rs, cs])
+        out[rs, cs] = self._decide(vals, None if prior is None else prior[rs, cs], weight)
         if out.sum() < self.settings.min_area_px:
             out[:] = False
         return out
 
-    def _decide(self, prob: np.ndarray, prior: Optional[np.ndarray]) -> np.ndarray:
-        """Probabilities -> mask, averaged first with ``prior`` (weight ``interp_weight``) where one is given."""
+    def _decide(self, prob: np.ndarray, prior: Optional[np.ndarray], w: float = 0.0) -> np.ndarray:
+        """Probabilities -> mask, averaged first with ``prior`` (weight ``w``) where one is given."""
         thr = self.settings.threshold
         if prior is not None:
-            w = self.settings.interp_weight
             prob = (1 - w) * prob + w * prior
             thr = (1 - w) * thr + w * 0.5  # each at its own decision boundary adds nothing either way
         return prob > thr
@@ -483,7 +487,7 @@ class PropagationSession:
                 m = self._result_slice(k).astype(bool)
                 if m.any():
                     masks[k] = m
-        prior = self._gap_prior(start, far) if kind == "gap" else None
+        prior, weight = self._gap_prior(start, far) if kind == "gap" else (None, 0.0)
         stopped: Dict[int, bool] = {1: False, -1: False}
         empties: Dict[int, int] = {1: 0, -1: 0}
         boxes: Dict[int, Optional[CropBox]] = {1: None, -1: None}
@@ -504,7 +508,7 @@ class PropagationSession:
                 mask, q = np.zeros(self._slice(s).shape, bool), 0.0
             else:
                 prob, q = yield req
-                mask = self._paste(prob, box, self._slice(s).shape, prior(s) if prior else None)
+                mask = self._paste(prob, box, self._slice(s).shape, prior(s) if prior else None, weight)
                 boxes[side] = box
             # Between two drawn slices the object is known to go on: there only an empty prediction ends a walk.
             empty = not mask.any() or (kind != "gap" and q < st.min_quality)
@@ -518,19 +522,22 @@ class PropagationSession:
                 stopped[side] = True
             yield SliceResult(s, mask, q, rep, 0, 0, src)
 
-    def _gap_prior(self, a: int, b: int):
-        """slice -> interpolated-shape probabilities between anchors a and b, or None where not used."""
+    def _gap_prior(self, a: int, b: int) -> Tuple[Optional[Callable[[int], np.ndarray]], float]:
+        """(slice -> interpolated-shape probabilities between anchors a and b, its blending weight), or (None, 0)
+        where not used."""
         st = self.settings
         if not (1 < b - a <= st.interp_gap and st.interp_weight > 0 and self.anchors[a].any()
                 and self.anchors[b].any()):
-            return None
+            return None, 0.0
+        ramp = st.interp_ramp
+        weight = 1 - (1 - st.interp_weight) * min(1.0, (b - a - 2) / (ramp - 2)) if ramp > 2 else st.interp_weight
         sa, sb = _signed_distance(self.anchors[a], self.spacing), _signed_distance(self.anchors[b], self.spacing)
         tau = min(self.spacing)
 
         def prior(k: int) -> np.ndarray:
             t = (k - a) / (b - a)
             return 1.0 / (1.0 + np.exp(-np.clip(((1 - t) * sa + t * sb) / tau, -30, 30)))
-        return prior
+        return prior, weight
 
     def _store(self, s: int, mask: np.ndarray, q: float) -> None:
         if s in self.anchors:  # never overwrite a locked slice

@@ -300,20 +300,45 @@ class _UnsureModel:
         return np.full((self.size, self.size), 0.5, np.float32), 1.0
 
 
-def test_short_gaps_blend_in_the_interpolated_shape():
+def _disc_gap(model, settings: EngineSettings, a: int = 10, b: int = 18) -> np.ndarray:
+    """Areas of slices a+1..b-1 between a drawn disc of radius 6 on slice a and one of radius 14 on slice b."""
     yy, xx = np.mgrid[0:80, 0:80]
     disc = lambda r: (yy - 40) ** 2 + (xx - 40) ** 2 <= r * r  # noqa: E731
     img = np.zeros((30, 80, 80), np.float32)
     img[0, 0, 0] = 1.0
+    s = _session(model, img, settings)
+    s.add_prompt(MaskPrompt(a, disc(6)))
+    s.add_prompt(MaskPrompt(b, disc(14)))
+    list(s.propagate(slice_range=(a + 1, b - 1)))
+    return s.result[a + 1:b].sum(axis=(1, 2))
+
+
+def test_short_gaps_blend_in_the_interpolated_shape():
     areas = {}
     for gap in (8, 4):  # drawn slices 10 and 18, interpolation allowed for gaps up to ``gap``
-        s = _session(_UnsureModel(), img, EngineSettings(interp_gap=gap, interp_weight=0.5, threshold=0.5,
-                                                         reprompt=False))
-        s.add_prompt(MaskPrompt(10, disc(6)))
-        s.add_prompt(MaskPrompt(18, disc(14)))
-        list(s.propagate(slice_range=(11, 17)))
-        areas[gap] = s.result[11:18].sum(axis=(1, 2))
+        areas[gap] = _disc_gap(_UnsureModel(), EngineSettings(interp_gap=gap, interp_ramp=1, threshold=0.5,
+                                                              reprompt=False))
     r_mid = np.sqrt(areas[8][3] / np.pi)  # slice 14, halfway: radius ~ (6 + 14) / 2
     assert abs(r_mid - 10) <= 0.7
     assert np.all(np.diff(areas[8]) > 0)  # grows steadily from the small disc to the large one
     assert not areas[4].any()  # gap 8 > interp_gap 4: no blending, and the unsure model alone finds nothing
+
+
+class _SureModel:
+    """Probability 1 on the whole crop: the model sees the object everywhere it looks."""
+
+    size = 64
+
+    def predict(self, query, templates, prompts, kinds, keys=None):
+        return np.ones((self.size, self.size), np.float32), 1.0
+
+
+def test_interpolation_weight_ramps_up_as_drawn_slices_get_closer():
+    # Weight 0.5 lets the over-eager model fill its crop (1 - w) * 0.7 > 0.5 * w; the ramp gives a gap of three
+    # slices weight 1 - 0.5 * 1/6 = 0.92, and the interpolated shape wins.
+    flat = _disc_gap(_SureModel(), EngineSettings(interp_ramp=1, threshold=0.3, reprompt=False), 10, 13)
+    ramp = _disc_gap(_SureModel(), EngineSettings(interp_weight=0.5, interp_ramp=8, threshold=0.3, reprompt=False),
+                     10, 13)
+    r = np.sqrt(ramp / np.pi)  # radii 6 + 8/3 and 6 + 16/3
+    assert np.all(np.abs(r - (6 + 8 / 3 * np.array([1, 2]))) <= 0.7)
+    assert np.all(flat > 1.5 * ramp)
