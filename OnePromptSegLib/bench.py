@@ -193,6 +193,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                 d = dice(pred, gt)
             row["noi90"] = len(anchors) if d >= 0.90 else None
             row["final"] = round(d, 4)
+            row["drawn_empty"] = sum(1 for z in anchors if not gt[z].any())  # drawn to end a run past the structure
             row["ms_per_slice"] = round(1000 * step_times[-1], 1)
             for kind in kinds:
                 if kind == "mask":
@@ -241,7 +242,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     summ: Dict = dict(tasks=len(main_rows), model=model.name, device=str(model.device),
                       dice1=_mean(main_rows, "dice1"), win10=_mean(main_rows, "win10"),
                       reached90=sum(1 for r in main_rows if r["noi90"]),
-                      mean_noi90_capped=round(float(np.mean([r["noi90"] or args.max_anchors for r in main_rows])), 2)
+                      mean_noi90_capped=round(float(np.mean([r["noi90"] or args.max_anchors for r in main_rows])), 2),
+                      drawn_empty=round(float(np.mean([r["drawn_empty"] for r in main_rows])), 2)
                       if main_rows else None,
                       ms_per_slice=round(1000 * float(np.mean(step_times)), 1) if step_times else None,
                       seconds=round(time.time() - t_all, 1))

@@ -226,8 +226,38 @@ def test_empty_anchor_stops_propagation_on_its_side(oracle):
     s.add_prompt(MaskPrompt(26, np.zeros_like(truth[26], bool)))  # the user says: not here any more
     list(s.propagate())
     assert not s.result[26:].any()  # nothing beyond the empty anchor, although the image shows the object
-    # The anchor with the object walks the whole gap: where the object ends in it is for the stop rule to find.
-    assert s.result[21:26].any(axis=(1, 2)).all()
+    # The anchor with the object walks the whole gap: where the object ends in it is for the stop rule to find, and
+    # a walk that reaches the empty slice is cut at its least confident slice: all equally sure here, so the last.
+    assert s.result[21:25].any(axis=(1, 2)).all() and not s.result[25].any()
+
+
+class _LeakyModel:
+    """Thresholds the query like the oracle; its quality is the crop's brightest value, so a faint look-alike past
+    the object's end is found with less confidence than the object."""
+
+    size = 64
+
+    def predict(self, query, templates, prompts, kinds, keys=None):
+        prob = (query > 0.6).astype(np.float32)
+        return prob, float(query.max())
+
+
+def test_walk_that_runs_into_an_empty_drawn_slice_is_cut_at_its_least_confident_slice():
+    img, truth = bright_object_volume()  # object on slices 8..29
+    tail = truth[29].astype(bool)
+    for k in range(30, 40):  # a fainter look-alike goes on past the object's end; faintest where it starts
+        img[k][tail] = 0.8 if k == 30 else 0.85
+    ends = {}
+    for cut in (False, True):
+        s = _session(_LeakyModel(), img, EngineSettings(interp_weight=0.0, threshold=0.5, cut_tail=cut))
+        s.add_prompt(MaskPrompt(20, truth[20].astype(bool)))
+        s.add_prompt(MaskPrompt(38, np.zeros_like(tail)))  # the user: not here
+        results = list(s.propagate())
+        ends[cut] = int(np.flatnonzero(s.result.any(axis=(1, 2))).max())
+        assert results[-1].done == results[-1].total
+        assert [r.slice_index for r in results if not r.mask.any() and r.slice_index in range(30, 38)] == (
+            list(range(30, 38)) if cut else [])  # the cut slices are reported again, now empty
+    assert ends == {False: 37, True: 29}
 
 
 def test_batched_walks_give_the_same_result(model, demo):
