@@ -77,12 +77,15 @@ class EngineSettings:
     #: Calibrated on two train/ subsets (BENCHMARKS.md): drawn slices to 0.90 from 11.45 / 8.95 (no ramp) to
     #: 11.0 / 8.37 (18); 6, 12 and 24 were in between
     interp_ramp: int = 18
-    #: a walk that reaches a slice drawn empty without stopping ran past the structure's end: cut it at its least
-    #: confident slice (predicted quality) among the last ``1 - cut_from`` of its slices.  On two train/ subsets
-    #: (BENCHMARKS.md) drawn slices to 0.90 went 11.0 / 8.74 -> 10.64 / 8.26 (cut_from 0.5: 10.64 / 8.42; 0: 10.82 /
-    #: 8.21): where many slices past the end held small false positives, each one had to be drawn empty by hand
+    #: a walk that reaches a slice drawn empty without stopping ran past the structure's end: it is cut at its least
+    #: confident slice (predicted quality) among the last ``1 - cut_from`` of its slices, if that slice is at least
+    #: ``cut_drop`` below the walk's median quality (otherwise the structure ends just before the empty slice, as
+    #: when the user erases the first slice past the end).  Calibrated on train/ (BENCHMARKS.md): drawn slices to
+    #: 0.90 on two subsets 11.0 / 8.74 -> 10.55 / 8.63; cutting without the quality condition cost about 0.004
+    #: Dice where the user erased the first slice past each end
     cut_tail: bool = True
     cut_from: float = 0.25
+    cut_drop: float = 0.05
 
 
     @classmethod
@@ -533,11 +536,16 @@ class PropagationSession:
 
     def _cut_tail(self, slices: List[int]) -> Iterator[SliceResult]:
         """A walk that reached a slice drawn empty without stopping ran past the structure's end, somewhere on the
-        way: cut it at its least confident slice, not in the first ``cut_from`` of the walk (near its anchor)."""
+        way: cut it at its least confident slice, not in the first ``cut_from`` of the walk (near its anchor), if
+        that slice stands out (``cut_drop`` below the walk's median quality)."""
         if not self._result_slice(slices[-1]).any():
             return
         late = [s for s in slices[int(len(slices) * self.settings.cut_from):] if self._result_slice(s).any()]
-        cut = slices.index(min(late[::-1], key=lambda k: self.quality.get(k, 1.0)))  # ties: cut the least
+        weakest = min(late[::-1], key=lambda k: self.quality.get(k, 1.0))  # ties: cut the least
+        typical = float(np.median([self.quality.get(k, 1.0) for k in slices if self._result_slice(k).any()]))
+        if self.quality.get(weakest, 1.0) > typical - self.settings.cut_drop:
+            return  # no slice stands out as doubtful: the structure ends just before the empty slice
+        cut = slices.index(weakest)
         for s in slices[cut:]:
             self._store(s, np.zeros(self._slice(s).shape, bool), 0.0)
             yield SliceResult(s, self._result_slice(s).astype(bool), 0.0, False, 0, 0, -1)
