@@ -150,15 +150,16 @@ class Progress:
 
 
 def _surroundings(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """The voxels around the object (its bounding box grown by its own size on each side), or the whole image when
-    the mask is empty: the preview's grey window comes from them, so a CT's air and bone do not wash out the organ."""
+    """The voxels around the object (its bounding box grown by a quarter of its size on each side), or the whole
+    image when the mask is empty: the preview's grey window comes from them, so a CT's air and bone do not wash out
+    the organ."""
     if not mask.any():
         return image
     box = []
     for d in range(3):
         idx = np.flatnonzero(mask.any(axis=tuple(o for o in range(3) if o != d)))
-        size = idx[-1] - idx[0] + 1
-        box.append(slice(max(0, idx[0] - size), idx[-1] + size + 1))
+        grow = max(2, (idx[-1] - idx[0] + 1) // 4)
+        box.append(slice(max(0, idx[0] - grow), idx[-1] + grow + 1))
     return image[tuple(box)]
 
 
