@@ -26,6 +26,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("data", help="folder with <case>_img.nii.gz and <case>_lbl.nii.gz files (searched recursively)")
     p.add_argument("--kinds", default="mask,box,click,doodle", help="prompt kinds to measure (mask = the protocol)")
     p.add_argument("--transfer", action="store_true", help="also measure One-Prompt transfer between cases")
+    p.add_argument("--ends", action="store_true",
+                   help="also measure the usual correction: the largest slice plus the first slice past each end of "
+                        "the structure drawn empty (one propagation; ends_dice)")
     p.add_argument("--max-anchors", type=int, default=20)
     p.add_argument("--device", default="cpu")
     p.add_argument("--model", default=None)
@@ -125,6 +128,24 @@ def simulated_prompt(kind: str, m: np.ndarray, s: int):
     return Doodle(s, sk if sk.any() else m, None)
 
 
+def _ends_dice(model, settings, vol, gt: np.ndarray, k0: int) -> float:
+    """Volumetric Dice after what a user does first: draw the largest slice, and erase the first slice past each end
+    of the structure (drawn empty).  Checks that the engine does not cut real slices when told where an end is."""
+    from .engine import PropagationSession
+    from .prompts import MaskPrompt
+
+    zs = np.flatnonzero(gt.any(axis=(1, 2)))
+    sess = PropagationSession(model, settings)
+    sess.set_volume(vol.array, "k", vol.spacing)
+    sess.add_prompt(MaskPrompt(k0, gt[k0]))
+    for z in (int(zs.min()) - 1, int(zs.max()) + 1):
+        if 0 <= z < gt.shape[0]:
+            sess.add_prompt(MaskPrompt(z, np.zeros_like(gt[z])))
+    for _ in sess.propagate():
+        pass
+    return dice(sess.result, gt)
+
+
 def cases(data_dir: str):
     for ip in sorted(glob.glob(os.path.join(data_dir, "**", "*_img.nii.gz"), recursive=True)):
         lp = ip.replace("_img.nii.gz", "_lbl.nii.gz")
@@ -195,6 +216,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
             row["final"] = round(d, 4)
             row["drawn_empty"] = sum(1 for z in anchors if not gt[z].any())  # drawn to end a run past the structure
             row["ms_per_slice"] = round(1000 * step_times[-1], 1)
+            if args.ends:
+                row["ends_dice"] = round(_ends_dice(model, settings, vol, gt, k0), 4)
             for kind in kinds:
                 if kind == "mask":
                     continue
@@ -251,6 +274,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         if kind != "mask":
             summ[f"{kind}_first"] = _mean(main_rows, f"{kind}_first")
             summ[f"{kind}_dice1"] = _mean(main_rows, f"{kind}_dice1")
+    if args.ends:
+        summ["ends_dice"] = _mean(main_rows, "ends_dice")
     tr = [r["transfer_dice"] for r in rows if "transfer_dice" in r]
     if tr:
         summ["transfer_dice"] = round(float(np.mean(tr)), 4)

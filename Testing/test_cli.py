@@ -183,15 +183,17 @@ def test_bench_and_speed_commands(tmp_path, capsys):
         _write(img.astype(np.int16), ds / f"case{seed}_img.nii.gz", sp)
         _write(truth.astype(np.uint8), ds / f"case{seed}_lbl.nii.gz", sp)
     out = tmp_path / "bench.json"
-    code, stdout, err = run(["bench", tmp_path / "data", "--kinds", "mask,box", "--transfer", "--max-anchors", 4,
-                             "--json", out], capsys)
+    code, stdout, err = run(["bench", tmp_path / "data", "--kinds", "mask,box", "--transfer", "--ends",
+                             "--max-anchors", 4, "--json", out], capsys)
     assert code == 0, err
     res = json.load(open(out))
     s = res["summary"]
     assert s["tasks"] == 2 and 0.0 <= s["dice1"] <= 1.0 and s["dice1"] >= 0.7
     assert s["win10"] >= s["dice1"] - 0.05 and s["box_first"] >= 0.6 and s["transfer_pairs"] == 2
+    assert s["ends_dice"] >= s["dice1"] - 0.005  # told where the structure ends: no real slice is cut
     for r in [r for r in res["rows"] if "dice1" in r]:
         assert r["noi90"] is None or 1 <= r["noi90"] <= 4
+        assert 0 <= r["drawn_empty"] < (r["noi90"] or 4)
         assert r["ms_per_slice"] > 0
     code, stdout, err = run(["speed", "--shape", "12,64,64"], capsys)
     assert code == 0, err
