@@ -171,10 +171,11 @@ def write_preview(path: str, image: np.ndarray, mask: np.ndarray, axis: int, n: 
 
     a = numpy_axis(axis)
     other = tuple(d for d in range(3) if d != a)
-    present = np.flatnonzero((mask if truth is None else (mask > 0) | (truth > 0)).any(axis=other))
+    shown = mask if truth is None else (mask > 0) | (truth > 0)
+    present = np.flatnonzero(shown.any(axis=other))
     picks = np.linspace(present.min(), present.max(), min(n, len(present))).round().astype(int) if len(present) else \
         np.linspace(0, image.shape[a] - 1, min(n, image.shape[a])).round().astype(int)
-    lo, hi = np.percentile(_surroundings(image, mask if truth is None else (mask > 0) | (truth > 0)), [1, 99])
+    lo, hi = np.percentile(_surroundings(image, shown), [1, 99])
     tiles = []
     for s in picks:
         im = np.clip((np.take(image, s, a).astype(np.float32) - lo) / max(hi - lo, 1e-6), 0, 1)
