@@ -689,9 +689,19 @@ class OnePromptSegLogic(ScriptedLoadableModuleLogic):
 
     def _propagateAndWrite(self, run, volumeNode, segmentationNode, segmentId, progressCallback, writer):
         computed, cancelled = [], False
+        adapting = run.session.adapt()  # test-time adaptation to the drawn slices, when the checkpoint asks for it
+        try:
+            for done, total in adapting:
+                if progressCallback is not None and progressCallback(message=_(
+                        "Adapting the model to the drawn slices (step {done} of {total})...").format(
+                        done=done, total=total)) is False:
+                    cancelled = True
+                    break
+        finally:
+            adapting.close()
         generator = run.session.propagate(direction=run.direction, slice_range=run.sliceRange)
         try:
-            for result in generator:
+            for result in ([] if cancelled else generator):
                 computed.append(int(result.slice_index))
                 if progressCallback is not None and progressCallback(result) is False:
                     cancelled = True

@@ -86,6 +86,15 @@ class EngineSettings:
     cut_tail: bool = True
     cut_from: float = 0.25
     cut_drop: float = 0.2
+    #: test-time adaptation (``adapt``, ``OnePromptSegLib.adapt``): before a propagation a copy of the model takes
+    #: ``adapt_steps`` Adam steps (lr ``adapt_lr``, ``adapt_batch`` pairs each) on pairs made of the slices drawn in
+    #: this volume.  Off (0) by default: on two train/ subsets 20 steps at 1e-4 raised the Dice from one drawn slice
+    #: by 0.018, but on eval it lost 0.005 and did not lower the drawn slices needed, at ~10 s per propagation on
+    #: one CPU core (docs/BENCHMARKS.md).  A checkpoint's manifest entry can turn it on.
+    adapt_steps: int = 0
+    adapt_lr: float = 1e-4
+    adapt_batch: int = 8
+    adapt_min_drawn: int = 1  #: adapt only when at least this many slices are drawn (2: only from real pairs)
 
 
     @classmethod
@@ -218,19 +227,25 @@ def propagate_together(sessions: Sequence["PropagationSession"], direction: str 
     """
     if not sessions:
         return
-    model = sessions[0].model
-    if any(s.model is not model for s in sessions):
+    if any(s.model is not sessions[0].model for s in sessions):
         raise PromptError("propagate_together needs sessions that share one model")
-    walks, owner = [], []
+    # Sessions adapted to their own drawn slices (``adapt_steps``) each have their own model: one batch per model.
+    groups: Dict[int, Tuple[LoadedModel, List[Iterator], List[int]]] = {}
     for n, sess in enumerate(sessions):
-        for w in sess._walks(direction, None):
+        mine = sess._walks(direction, None)  # first: One-Prompt mode may add a seed anchor here
+        model = sess._walk_model()
+        _, walks, owner = groups.setdefault(id(model), (model, [], []))
+        for w in mine:
             walks.append(w)
             owner.append(n)
     total = sum(sess._pending for sess in sessions)
-    use = batch if batch is not None else _on_gpu(model)
-    for done, (i, r) in enumerate(_drive(walks, model, use), start=1):
-        r.done, r.total = done, max(done, total)
-        yield owner[i], r
+    done = 0
+    for model, walks, owner in groups.values():
+        use = batch if batch is not None else _on_gpu(model)
+        for i, r in _drive(walks, model, use):
+            done += 1
+            r.done, r.total = done, max(done, total)
+            yield owner[i], r
 
 
 def _signed_distance(mask: np.ndarray, spacing: Tuple[float, float]) -> np.ndarray:
@@ -261,6 +276,7 @@ class PropagationSession:
         self.result: Optional[np.ndarray] = None
         self.seed_slice: Optional[int] = None  #: the slice One-Prompt mode seeded from, if it did
         self._pending = 0  #: slices the walks of the current propagation will write
+        self._adapted: Optional[Tuple[tuple, LoadedModel]] = None  #: (drawn slices it was made for, model)
 
     # ------------------------------------------------------------------------------------------ set-up
     def set_volume(self, volume: np.ndarray, axis: AxisLike = "k",
@@ -423,9 +439,41 @@ class PropagationSession:
         """
         walks = self._walks(direction, slice_range)
         batch = self.settings.batch_walks if self.settings.batch_walks is not None else _on_gpu(self.model)
-        for done, (_, r) in enumerate(_drive(walks, self.model, batch), start=1):
+        for done, (_, r) in enumerate(_drive(walks, self._walk_model(), batch), start=1):
             r.done, r.total = done, max(done, self._pending)
             yield r
+
+    def adapt(self) -> Iterator[Tuple[int, int]]:
+        """Test-time adaptation to this volume's drawn slices; yields (steps done, steps) so a caller can show
+        progress and cancel (stop iterating: nothing is kept, and the next ``propagate`` adapts again).
+
+        ``propagate`` runs it itself when needed; it does nothing when ``adapt_steps`` is 0, with fewer than
+        ``adapt_min_drawn`` drawn slices, or when the model is already adapted to the same drawn slices.
+        """
+        st = self.settings
+        key = self._anchor_key()
+        if st.adapt_steps <= 0 or len(self.anchors) < st.adapt_min_drawn or (
+                self._adapted is not None and self._adapted[0] == key):
+            return
+        from .adapt import adapt_model
+
+        def crop(s: int, box: CropBox) -> np.ndarray:  # not self._crop: jittered boxes would fill its cache
+            return normalize(extract(self._slice(s), box, self.model.size), self.lo, self.hi)
+
+        net = yield from adapt_model(self.model, crop, self.anchors, self.spacing, st.adapt_steps, st.adapt_lr,
+                                     st.adapt_batch, st.max_prompt_distance)
+        self._adapted = (key, net)
+
+    def _anchor_key(self) -> tuple:
+        return tuple(sorted((s, hash(m.tobytes())) for s, m in self.anchors.items()))
+
+    def _walk_model(self) -> LoadedModel:
+        """The model the walks use: the copy adapted to the current drawn slices, if adaptation is on."""
+        for _ in self.adapt():
+            pass
+        if self._adapted is not None and self._adapted[0] == self._anchor_key() and self.settings.adapt_steps > 0:
+            return self._adapted[1]
+        return self.model
 
     def _walks(self, direction: str, slice_range: Optional[Tuple[int, int]]) -> List[Iterator]:
         """The walk generators of one propagation (``_pending`` = slices they will write)."""

@@ -424,10 +424,16 @@ def train(args: argparse.Namespace) -> None:
         torch.manual_seed(args.seed + step)
         print(f"resumed from {ckpt} at step {step}", flush=True)
     if args.init and not os.path.exists(ckpt):
-        st = torch.load(args.init, map_location="cpu", weights_only=False)  # our own run file
         own = model.state_dict()
-        model.load_state_dict({k: v for k, v in st["model"].items() if k in own})
-        print(f"initialised from {args.init} (step {st['step']})", flush=True)
+        if os.path.basename(args.init) == "last.pt":
+            st = torch.load(args.init, map_location="cpu", weights_only=False)  # our own run file
+            weights, origin = st["model"], f"step {st['step']}"
+        else:  # a shipped checkpoint, by manifest name or path: verified like any other
+            from .checkpoints import load_model
+            shipped = load_model(args.init, "cpu")
+            weights, origin = shipped.model.state_dict(), f"checkpoint {shipped.name}"
+        model.load_state_dict({k: v for k, v in weights.items() if k in own})
+        print(f"initialised from {args.init} ({origin})", flush=True)
     real = load_real_volumes(args.data) if args.data else []
     print(f"{count_parameters(model)} parameters; {len(real)} real task volumes; {device}, "
           f"{args.workers} data workers", flush=True)
@@ -567,7 +573,8 @@ def main(argv: Optional[List[str]] = None) -> None:
                     help="share of mask-prompted pairs whose prompt is the model's own prediction (second pass)")
     ap.add_argument("--correction", type=float, default=0.0,
                     help="share of pairs that also get a drawn slice beyond the query (the interactive second pass)")
-    ap.add_argument("--init", default="", help="start from the weights of this run's last.pt (fine-tuning)")
+    ap.add_argument("--init", default="", help="start from these weights (fine-tuning): a run's last.pt, or a "
+                    "shipped checkpoint by manifest name or path")
     ap.add_argument("--save-every", type=float, default=120, help="seconds between resumable checkpoints")
     ap.add_argument("--export", default="", help="export this run folder instead of training")
     ap.add_argument("--name", default="onepromptseg-v1")

@@ -372,3 +372,74 @@ def test_interpolation_weight_ramps_up_as_drawn_slices_get_closer():
     r = np.sqrt(ramp / np.pi)  # radii 6 + 8/3 and 6 + 16/3
     assert np.all(np.abs(r - (6 + 8 / 3 * np.array([1, 2]))) <= 0.7)
     assert np.all(flat > 1.5 * ramp)
+
+
+# ---------------------------------------------------------------------------------------------- test-time adaptation
+
+def _adapting(model, img, spacing, anchors, steps=3):
+    s = _session(model, img, EngineSettings(adapt_steps=steps, adapt_batch=4, adapt_lr=1e-4), spacing=spacing)
+    for k, m in anchors.items():
+        s.correct(k, m)
+    return s
+
+
+def test_adaptation_trains_a_copy_reports_progress_and_repeats(model, demo):
+    import torch
+
+    img, truth, spacing = demo
+    k0 = int(truth.sum(axis=(1, 2)).argmax())
+    before = [p.detach().clone() for p in model.model.parameters()]
+    s = _adapting(model, img, spacing, {k0: truth[k0].astype(bool), k0 + 6: truth[k0 + 6].astype(bool)})
+    assert list(s.adapt()) == [(1, 3), (2, 3), (3, 3)]
+    assert list(s.adapt()) == []  # already adapted to these drawn slices
+    adapted = s._walk_model()
+    assert adapted is not model and adapted.device == model.device
+    changed = sum(not torch.equal(a, b) for a, b in zip(adapted.model.parameters(), model.model.parameters()))
+    assert changed > 10  # the copy moved...
+    assert all(torch.equal(a, b) for a, b in zip(before, model.model.parameters()))  # ...the shared model did not
+    list(s.propagate())
+    again = _adapting(model, img, spacing, {k0: truth[k0].astype(bool), k0 + 6: truth[k0 + 6].astype(bool)})
+    list(again.propagate())  # adapts by itself, seeded: the same drawn slices give the same result
+    assert np.array_equal(again.result, s.result)
+    assert dice(s.result, truth) > 0.8
+    s.correct(k0 - 5, truth[k0 - 5].astype(bool))
+    assert len(list(s.adapt())) == 3  # new drawn slice: adapted again
+
+
+def test_cancelled_adaptation_keeps_nothing_and_off_means_the_shared_model(model, demo):
+    img, truth, spacing = demo
+    k0 = int(truth.sum(axis=(1, 2)).argmax())
+    s = _adapting(model, img, spacing, {k0: truth[k0].astype(bool)})
+    gen = s.adapt()
+    assert next(gen) == (1, 3)
+    gen.close()  # the user cancelled
+    assert s._adapted is None and len(list(s.adapt())) == 3
+    off = _adapting(model, img, spacing, {k0: truth[k0].astype(bool)}, steps=0)
+    assert list(off.adapt()) == [] and off._walk_model() is model
+
+
+def test_adapted_sessions_propagate_together_as_alone(model, demo):
+    from OnePromptSegLib.engine import propagate_together
+
+    img, truth, spacing = demo
+    k0 = int(truth.sum(axis=(1, 2)).argmax())
+    other = np.zeros_like(truth)
+    other[k0 - 4:k0 + 5, 10:26, 10:26] = 1
+    alone = []
+    for t in (truth, other):
+        s = _adapting(model, img, spacing, {k0: t[k0].astype(bool)}, steps=2)
+        list(s.propagate())
+        alone.append(s.result.copy())
+    sessions = [_adapting(model, img, spacing, {k0: t[k0].astype(bool)}, steps=2) for t in (truth, other)]
+    res = list(propagate_together(sessions, batch=True))  # two adapted models: one batch each
+    assert {i for i, _ in res} == {0, 1} and res[-1][1].done == res[-1][1].total == len(res)
+    for s, a in zip(sessions, alone):
+        assert np.array_equal(s.result, a)
+
+
+def test_adaptation_needs_a_trainable_checkpoint(oracle):
+    img, truth = bright_object_volume()
+    s = _session(oracle, img, EngineSettings(adapt_steps=2, interp_weight=0.0, threshold=0.5))
+    s.add_prompt(MaskPrompt(20, truth[20].astype(bool)))
+    with pytest.raises(TypeError, match="set adapt_steps=0"):
+        list(s.propagate())

@@ -410,3 +410,27 @@ def test_real_model_loads_from_the_manifest_and_propagates(module, scene):
     assert summary["computed"] == 2 and summary["device"] == "cpu"
     assert np.array_equal(seg["lesion"][k], truth[k])
     assert not seg["lesion"][: k - 1].any() and not seg["lesion"][k + 2:].any()
+
+
+def test_adaptation_shows_progress_and_cancel_writes_nothing_new(module, logic, scene, model, monkeypatch):
+    from OnePromptSegLib.engine import EngineSettings
+
+    volume, seg, _truth = scene
+    monkeypatch.setattr(logic, "loadModel", lambda modelName="", device="auto": model)  # adaptation trains the net
+    drawn = seg["lesion"].copy()
+    plain = EngineSettings.for_model
+    monkeypatch.setattr(EngineSettings, "for_model", classmethod(
+        lambda cls, model, **kw: plain(model, adapt_steps=3, adapt_batch=2, **kw)))
+    messages = []
+
+    def progress(result=None, message=None):
+        messages.append(message)
+        return not (message or "").startswith("Adapting")  # cancel at the first adaptation step
+
+    summary = logic.segment(volume, seg, "lesion", module.PROMPT_MASK, progressCallback=progress)
+    assert summary["cancelled"] and summary["computed"] == 0
+    assert [m for m in messages if m and m.startswith("Adapting")] == [
+        "Adapting the model to the drawn slices (step 1 of 3)..."]
+    assert np.array_equal(seg["lesion"], drawn)  # the user's drawing, untouched
+    summary = logic.segment(volume, seg, "lesion", module.PROMPT_MASK, progressCallback=lambda result=None, message=None: True)
+    assert not summary["cancelled"] and summary["computed"] > 10

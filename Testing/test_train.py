@@ -98,3 +98,16 @@ def test_training_resumes_and_exports(data_dir, tmp_path):
     assert EngineSettings.for_model(lm, threshold=0.6).threshold == 0.6  # and explicit settings win
     with pytest.raises(SystemExit, match="expected NAME=VALUE"):
         train.main(["--export", out, "--name", "x", "--manifest", man, "--engine", "thresh=0.8"])
+
+
+def test_fine_tuning_starts_from_a_shipped_checkpoint(data_dir, tmp_path):
+    import torch
+
+    out = str(tmp_path / "ft")
+    shipped = load_model("onepromptseg-v2", "cpu")  # by manifest name, sha256-verified
+    train.main(["--out", out, "--data", data_dir, "--batch", "2", "--threads", "1", "--synth-pool", "2",
+                "--steps", "1", "--lr", "1e-9", "--init", "onepromptseg-v2", "--save-every", "1000"])
+    run = torch.load(os.path.join(out, "last.pt"), map_location="cpu", weights_only=True)["model"]
+    ref = shipped.model.state_dict()
+    # one step at lr 1e-9 (AdamW): the run still holds the shipped weights
+    assert max(float((run[k] - ref[k]).abs().max()) for k in ref) < 1e-6
