@@ -294,6 +294,7 @@ class PropagationSession:
         self.n = volume.shape[self.naxis]
         self.lo, self.hi = robust_range(volume)
         self.anchors, self.quality, self._valid = {}, {}, set()
+        self._adapted = None  # adapted to another volume's slices
         self.result = np.zeros(volume.shape, np.uint8)
         self._norm_cache: Dict[Tuple[int, CropBox], np.ndarray] = {}
 

@@ -404,6 +404,9 @@ def test_adaptation_trains_a_copy_reports_progress_and_repeats(model, demo):
     assert dice(s.result, truth) > 0.8
     s.correct(k0 - 5, truth[k0 - 5].astype(bool))
     assert len(list(s.adapt())) == 3  # new drawn slice: adapted again
+    s.set_volume(img.max() - img, "k", spacing)  # another volume, the same drawn masks: adapted again
+    s.correct(k0 - 5, truth[k0 - 5].astype(bool))
+    assert len(list(s.adapt())) == 3
 
 
 def test_cancelled_adaptation_keeps_nothing_and_off_means_the_shared_model(model, demo):
