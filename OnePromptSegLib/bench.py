@@ -155,21 +155,14 @@ def cases(data_dir: str):
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from .checkpoints import load_model
-    from .engine import EngineSettings, PropagationSession
+    from .cli import settings_from_args
+    from .engine import PropagationSession
     from .io import read_label_volume, read_volume
     from .prompts import MaskPrompt, PromptError
 
     warnings.simplefilter("ignore")
     model = load_model(args.model, args.device)
-    settings = EngineSettings.for_model(model, reprompt=not args.no_reprompt)
-    if args.ssim_threshold is not None:
-        settings.ssim_threshold = args.ssim_threshold
-    if args.max_templates is not None:
-        settings.max_templates = args.max_templates
-    if args.no_stop:
-        settings.stop_after_empty = 10 ** 9
-    for name, value in EngineSettings.parse(args.set).items():
-        setattr(settings, name, value)
+    settings = settings_from_args(model, args)
     kinds = [k for k in args.kinds.split(",") if k]
     rows: List[Dict] = []
     worst = None

@@ -133,8 +133,9 @@ def build_prompts(args: argparse.Namespace, vol: Volume) -> List:
 class Progress:
     """A one-line progress bar on stderr (redrawn in place on a terminal, every 10% otherwise)."""
 
-    def __init__(self, label: str, stream=sys.stderr):
-        self.label, self.stream, self.t0, self.last = label, stream, time.time(), -1
+    def __init__(self, label: str, stream=None, unit: str = "slice"):
+        stream = stream or sys.stderr  # looked up now, not at import: a redirected stderr is honoured
+        self.label, self.stream, self.t0, self.last, self.unit = label, stream, time.time(), -1, unit
         self.tty = getattr(stream, "isatty", lambda: False)()
 
     def update(self, done: int, total: int) -> None:
@@ -145,7 +146,7 @@ class Progress:
         ms = 1000 * (time.time() - self.t0) / max(done, 1)
         bar = "#" * (pct // 5) + "." * (20 - pct // 5)
         end = "\n" if (done == total or not self.tty) else ""
-        self.stream.write(f"\r{self.label} [{bar}] {done}/{total} slices, {ms:.0f} ms/slice{end}")
+        self.stream.write(f"\r{self.label} [{bar}] {done}/{total} {self.unit}s, {ms:.0f} ms/{self.unit}{end}")
         self.stream.flush()
 
 
@@ -198,6 +199,20 @@ def write_preview(path: str, image: np.ndarray, mask: np.ndarray, axis: int, n: 
     os.replace(tmp, path)
 
 
+def settings_from_args(model, args: argparse.Namespace) -> EngineSettings:
+    """The checkpoint's engine settings with the command line's options and ``--set NAME=VALUE`` on top."""
+    settings = EngineSettings.for_model(model, reprompt=not args.no_reprompt)
+    if args.ssim_threshold is not None:
+        settings.ssim_threshold = args.ssim_threshold
+    if args.max_templates is not None:
+        settings.max_templates = args.max_templates
+    if args.no_stop:
+        settings.stop_after_empty = 10 ** 9
+    for name, value in EngineSettings.parse(args.set).items():
+        setattr(settings, name, value)
+    return settings
+
+
 def run_propagation(model, vol: Volume, prompts: List, axis: int, settings: EngineSettings,
                     direction: str = "both", progress: Optional[Progress] = None) -> np.ndarray:
     """Add every prompt to a session over ``vol`` and propagate; returns the (k,j,i) uint8 mask."""
@@ -205,6 +220,10 @@ def run_propagation(model, vol: Volume, prompts: List, axis: int, settings: Engi
     sess.set_volume(vol.array, axis, vol.spacing)
     for p in prompts:
         sess.add_prompt(p)
+    adapting = Progress("adapting to the drawn slices", progress.stream, "step") if progress else None
+    for done, total in sess.adapt():  # only with adapt_steps (off by default)
+        if adapting:
+            adapting.update(done, total)
     for r in sess.propagate(direction):
         if progress:
             progress.update(r.done, r.total)
@@ -221,13 +240,7 @@ def cmd_propagate(args: argparse.Namespace) -> int:
         raise UsageError(f"-o {args.output}: folder {out_dir} does not exist")
     prompts = build_prompts(args, vol)
     model = load_model(args.model, args.device)
-    settings = EngineSettings.for_model(model, reprompt=not args.no_reprompt)
-    if args.ssim_threshold is not None:
-        settings.ssim_threshold = args.ssim_threshold
-    if args.max_templates is not None:
-        settings.max_templates = args.max_templates
-    if args.no_stop:
-        settings.stop_after_empty = 10 ** 9
+    settings = settings_from_args(model, args)
     mask = run_propagation(model, vol, prompts, axis, settings, args.direction,
                            None if args.quiet else Progress("propagating"))
     write_mask(mask, vol, args.output)
@@ -300,6 +313,8 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-reprompt", action="store_true", help="disable SSIM-triggered re-prompting")
     p.add_argument("--max-templates", type=int, default=None, help="templates per step (K)")
     p.add_argument("--no-stop", action="store_true", help="do not stop where the object ends (ablation)")
+    p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                   help="any engine setting, e.g. --set adapt_steps=20 (test-time adaptation, off by default)")
     p.add_argument("--preview", help="write a PNG montage of the result")
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=cmd_propagate)

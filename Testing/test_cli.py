@@ -59,7 +59,16 @@ def test_propagate_one_drawn_slice_keeps_geometry(files, capsys, tmp_path):
     assert np.allclose(res.GetDirection(), ref.GetDirection())
     assert dice(sitk.GetArrayFromImage(res), files["truth"]) >= 0.85  # measured 0.90 (v2, CPU)
     assert png.exists() and png.stat().st_size > 1000
-    assert "slices" in err  # the progress bar went to stderr
+    assert "propagating [####################]" in err  # the progress bar went to stderr
+
+
+def test_set_turns_on_test_time_adaptation_with_its_own_progress(files, capsys, tmp_path):
+    out = tmp_path / "out.nii.gz"
+    code, _, err = run(["propagate", files["img"], "--prompt-mask", files["one"], "--label", 3, "-o", out,
+                        "--device", "cpu", "--set", "adapt_steps=2", "--set", "adapt_batch=2"], capsys)
+    assert code == 0, err
+    assert "adapting to the drawn slices [####################] 2/2 steps" in err and "slices," in err
+    assert dice(sitk.GetArrayFromImage(sitk.ReadImage(str(out))), files["truth"]) >= 0.8
 
 
 def test_several_anchor_slices_and_seg_nrrd(files, capsys, tmp_path):
@@ -121,6 +130,7 @@ def test_click_box_and_scribble_prompts(files, capsys, tmp_path):
     (["--click", "50,50,5", "--slices", "5"], "give --prompt-mask too"),
     (["--axis", "x", "--click", "1,1,1"], "axis must be"),
     (["--click", "50,50,5", "--model", "no-such-model"], "no checkpoint named"),
+    (["--click", "50,50,5", "--set", "adapt=20"], "expected NAME=VALUE with NAME one of"),
 ])
 def test_bad_input_exit_2_one_line_no_output(files, capsys, tmp_path, extra, message):
     out = tmp_path / "bad.nii.gz"
