@@ -2,6 +2,7 @@
 
     python -m OnePromptSegLib.train --out runs/v1 --steps 4000 [--data ../shared/data/train] [--minutes 60]
     python -m OnePromptSegLib.train --export runs/v1 --name onepromptseg-v1 [--default]
+    python -m OnePromptSegLib.train --data ../shared/data/train --pack pack/train.npz   # then --data pack/train.npz
 
 On a GPU machine (``--device auto`` picks CUDA, with bf16 autocast) give the batch makers their own processes, e.g.
 ``--workers 12 --batch 64``, and ``--minutes 9`` per call: each call resumes from ``--out``'s last.pt.
@@ -26,7 +27,7 @@ import shlex
 import sys
 import time
 from dataclasses import dataclass
-from typing import List, Optional, Tuple
+from typing import Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -69,13 +70,18 @@ def label_sets_for(lab: np.ndarray, min_slices: int = 3, min_vox: int = 60, max_
     return sets
 
 
-def load_real_volumes(data_dir: str) -> List[TaskVolume]:
-    """Every <case>_img.nii.gz + _lbl.nii.gz under data_dir, normalised per volume, along each usable axis."""
+def _read_cases(data_dir: str) -> Iterator[Tuple[str, np.ndarray, np.ndarray, Tuple[float, float, float]]]:
+    """(name, image quantised to uint8, labels, spacing k,j,i) of every <case>_img.nii.gz + _lbl.nii.gz under
+    ``data_dir``, or of every case in a file written by ``pack_real_volumes``."""
+    if os.path.isfile(data_dir):
+        with np.load(data_dir) as z:
+            for name in json.loads(str(z["names"])):
+                yield name, z[name + ":img"], z[name + ":lbl"].astype(np.int32), tuple(z[name + ":sp"].tolist())
+        return
     import SimpleITK as sitk
 
     from .io import normalize, robust_range
 
-    out = []
     for ip in sorted(glob.glob(os.path.join(data_dir, "**", "*_img.nii.gz"), recursive=True)):
         lp = ip.replace("_img.nii.gz", "_lbl.nii.gz")
         if not os.path.exists(lp):
@@ -85,11 +91,32 @@ def load_real_volumes(data_dir: str) -> List[TaskVolume]:
         lab = sitk.GetArrayFromImage(sitk.ReadImage(lp)).astype(np.int32)
         lo, hi = robust_range(arr)
         q = (normalize(arr, lo, hi) * 255).astype(np.uint8)
-        sp_kji = tuple(float(s) for s in im.GetSpacing()[::-1])
-        name = os.path.relpath(ip, data_dir)
+        yield os.path.relpath(ip, data_dir), q, lab, tuple(float(s) for s in im.GetSpacing()[::-1])
+
+
+def pack_real_volumes(data_dir: str, path: str) -> int:
+    """Write the training volumes of ``data_dir`` to one compressed .npz, as training reads them (images quantised
+    to uint8), for ``--data``.  Why: a GPU machine whose image lacks SimpleITK can train from it, and it is smaller
+    than the NIfTI files it comes from (a device call carries at most 64 MiB).  Returns the number of cases."""
+    arrays, names = {}, []
+    for name, q, lab, sp in _read_cases(data_dir):
+        names.append(name)
+        dtype = np.uint8 if lab.max() < 256 else np.uint16
+        arrays.update({name + ":img": q, name + ":lbl": lab.astype(dtype), name + ":sp": np.asarray(sp)})
+    tmp = path + ".tmp.npz"
+    np.savez_compressed(tmp, names=np.asarray(json.dumps(names)), **arrays)
+    os.replace(tmp, path)
+    return len(names)
+
+
+def load_real_volumes(data_dir: str) -> List[TaskVolume]:
+    """Every case of ``data_dir`` (a folder of NIfTI pairs, or a ``pack_real_volumes`` file), normalised per volume,
+    along each usable axis."""
+    out = []
+    for name, q, lab, sp_kji in _read_cases(data_dir):
         axes = [0]
         # Isotropic-enough volumes with depth along every axis also give tasks along j and i.
-        if max(sp_kji) / min(sp_kji) < 1.6 and min(arr.shape) >= 40:
+        if max(sp_kji) / min(sp_kji) < 1.6 and min(q.shape) >= 40:
             axes = [0, 1, 2]
         for ax in axes:
             a_img, a_lab, sp = _orient(q, lab, sp_kji, ax)
@@ -553,7 +580,11 @@ def main(argv: Optional[List[str]] = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m OnePromptSegLib.train", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="runs/v1", help="run folder: log.jsonl and last.pt (resumed if present)")
-    ap.add_argument("--data", default="", help="folder of <case>_img.nii.gz/_lbl.nii.gz training volumes")
+    ap.add_argument("--data", default="", help="folder of <case>_img.nii.gz/_lbl.nii.gz training volumes, or a file "
+                    "written by --pack")
+    ap.add_argument("--pack", default="", metavar="FILE.npz",
+                    help="write --data's volumes to one compressed file that --data reads without SimpleITK (for a "
+                         "GPU machine without it; smaller than the NIfTI files) instead of training")
     ap.add_argument("--steps", type=int, default=4000)
     ap.add_argument("--minutes", type=float, default=0, help="stop (and save) after this many minutes")
     ap.add_argument("--batch", type=int, default=16)
@@ -585,7 +616,11 @@ def main(argv: Optional[List[str]] = None) -> None:
     ap.add_argument("--manifest", default="", help="export into this manifest (weights to Resources/Models beside it) "
                     "instead of the project's weights_manifest.json")
     args = ap.parse_args(argv)
-    if args.export:
+    if args.pack:
+        if not args.data:
+            raise SystemExit("--pack FILE.npz needs --data FOLDER (the NIfTI training volumes to pack)")
+        print(f"packed {pack_real_volumes(args.data, args.pack)} cases into {args.pack}", flush=True)
+    elif args.export:
         export(args)
     else:
         train(args)

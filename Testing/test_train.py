@@ -111,3 +111,15 @@ def test_fine_tuning_starts_from_a_shipped_checkpoint(data_dir, tmp_path):
     ref = shipped.model.state_dict()
     # one step at lr 1e-9 (AdamW): the run still holds the shipped weights
     assert max(float((run[k] - ref[k]).abs().max()) for k in ref) < 1e-6
+
+
+def test_packed_volumes_train_like_the_nifti_files(data_dir, tmp_path):
+    pack = str(tmp_path / "train.npz")
+    train.main(["--data", data_dir, "--pack", pack])
+    a, b = train.load_real_volumes(data_dir), train.load_real_volumes(pack)
+    assert [v.name for v in a] == [v.name for v in b] and len(a) >= 2
+    for x, y in zip(a, b):
+        assert np.array_equal(x.image, y.image) and np.array_equal(x.labels, y.labels)
+        assert x.spacing == y.spacing and x.label_sets == y.label_sets
+    with pytest.raises(SystemExit, match="needs --data"):
+        train.main(["--pack", pack])
