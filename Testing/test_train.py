@@ -123,3 +123,10 @@ def test_packed_volumes_train_like_the_nifti_files(data_dir, tmp_path):
         assert x.spacing == y.spacing and x.label_sets == y.label_sets
     with pytest.raises(SystemExit, match="needs --data"):
         train.main(["--pack", pack])
+    # the point of the pack: a machine without SimpleITK (the GPU machine's image) trains from it
+    import subprocess
+    import sys
+    code = (f"import sys; sys.modules['SimpleITK'] = None; from OnePromptSegLib import train; "
+            f"print(len(train.load_real_volumes({pack!r})))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert int(out.stdout) == len(a)
