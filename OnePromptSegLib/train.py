@@ -438,7 +438,7 @@ def train(args: argparse.Namespace) -> None:
     torch.manual_seed(args.seed)
     random.seed(args.seed)
     if os.path.exists(ckpt):
-        st = torch.load(ckpt, map_location="cpu", weights_only=False)  # our own resume file, not a shipped weight
+        st = _load_run_state(ckpt)
         step = st["step"]
         own = model.state_dict()
         if set(st["model"]) == set(own):
@@ -453,7 +453,7 @@ def train(args: argparse.Namespace) -> None:
     if args.init and not os.path.exists(ckpt):
         own = model.state_dict()
         if os.path.basename(args.init) == "last.pt":
-            st = torch.load(args.init, map_location="cpu", weights_only=False)  # our own run file
+            st = _load_run_state(args.init)
             weights, origin = st["model"], f"step {st['step']}"
         else:  # a shipped checkpoint, by manifest name or path: verified like any other
             from .checkpoints import load_model
@@ -522,6 +522,19 @@ def _own_prediction(model: OnePromptNet):
     return predict
 
 
+def _load_run_state(path: str) -> dict:
+    """A run's ``last.pt`` (weights, AdamW state, step, config): tensors and plain values only, so it is read with
+    ``weights_only=True`` like any checkpoint; a file that is not such a state fails with one line naming it."""
+    try:
+        st = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle errors come in many types; the user needs the file and the reason
+        raise SystemExit(f"{path}: not a readable run state ({type(e).__name__}: {e})") from None
+    missing = {"model", "opt", "step", "config"} - set(st if isinstance(st, dict) else ())
+    if missing:
+        raise SystemExit(f"{path}: not a run state of this project (missing {sorted(missing)})")
+    return st
+
+
 def _save(model, opt, step, path):
     tmp = path + ".tmp"
     torch.save(dict(model=model.state_dict(), opt=opt.state_dict(), step=step, config=model.config.to_dict()), tmp)
@@ -552,7 +565,7 @@ def export(args: argparse.Namespace) -> None:
         engine = EngineSettings.parse(args.engine, "--engine")
     except PromptError as e:
         raise SystemExit(str(e)) from None
-    st = torch.load(os.path.join(args.export, "last.pt"), map_location="cpu", weights_only=False)
+    st = _load_run_state(os.path.join(args.export, "last.pt"))
     cfg = ModelConfig.from_dict(st["config"])
     events = [json.loads(l) for l in open(os.path.join(args.export, "log.jsonl")) if l.strip()]
     starts = [e for e in events if e.get("event") == "start"]

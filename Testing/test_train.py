@@ -1,6 +1,7 @@
 """The training pipeline: task sources, prompt simulation, a resumable run, and the export's manifest entry."""
 from __future__ import annotations
 
+import argparse
 import json
 import os
 
@@ -111,6 +112,22 @@ def test_fine_tuning_starts_from_a_shipped_checkpoint(data_dir, tmp_path):
     ref = shipped.model.state_dict()
     # one step at lr 1e-9 (AdamW): the run still holds the shipped weights
     assert max(float((run[k] - ref[k]).abs().max()) for k in ref) < 1e-6
+
+
+def test_run_states_are_read_as_weights_only(tmp_path):
+    """``--init``/resume/``--export`` read a run's last.pt with weights_only=True: a file holding anything but
+    tensors and plain values is refused with one line naming it, as is a torch file that is not a run state."""
+    import torch
+
+    bad = str(tmp_path / "object" / "last.pt")
+    os.makedirs(os.path.dirname(bad))
+    torch.save(dict(model={}, opt={}, step=0, config={}, extra=argparse.Namespace(a=1)), bad)  # an object: refused
+    with pytest.raises(SystemExit, match="not a readable run state"):
+        train.main(["--out", str(tmp_path / "ft"), "--steps", "1", "--init", bad])
+    other = str(tmp_path / "other.pt")
+    torch.save({"state_dict": {}}, other)
+    with pytest.raises(SystemExit, match=r"missing \['config', 'model', 'opt', 'step'\]"):
+        train._load_run_state(other)
 
 
 def test_packed_volumes_train_like_the_nifti_files(data_dir, tmp_path):
