@@ -27,7 +27,7 @@ import shlex
 import sys
 import time
 from dataclasses import dataclass
-from typing import Iterator, List, Optional, Tuple
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -501,6 +501,9 @@ def train(args: argparse.Namespace) -> None:
         if time.time() - last_save > args.save_every or step == args.steps:
             _save(model, opt, step, ckpt)
             last_save = time.time()
+        if args.snapshot_every and step % args.snapshot_every == 0:
+            torch.save(dict(model=model.state_dict(), step=step, config=model.config.to_dict()),
+                       os.path.join(args.out, f"snap_{step:06d}.pt"))
     _save(model, opt, step, ckpt)
     json.dump(dict(event="end", step=step, time=time.time(), seconds=round(time.time() - t_start, 1)), log)
     log.write("\n")
@@ -520,6 +523,29 @@ def _own_prediction(model: OnePromptNet):
         model.train()
         return torch.sigmoid(lg)[0, 0].float().cpu().numpy()
     return predict
+
+
+def _averaged_weights(run: str, last: dict, k: int) -> Tuple[Dict[str, torch.Tensor], List[int]]:
+    """The run's final weights, or with ``k`` > 1 the mean of them and the k-1 latest snapshots before them
+    (``--snapshot-every``): averaging the weights along the end of a run (SWA) evens out the step-to-step noise of a
+    small-batch run.  Returns (weights, the steps averaged)."""
+    if k <= 1:
+        return last["model"], [last["step"]]
+    snaps: Dict[int, dict] = {}  # by step: a step saved twice counts once
+    for f in sorted(glob.glob(os.path.join(run, "snap_*.pt"))):
+        st = torch.load(f, map_location="cpu", weights_only=True)
+        if st.get("config") != last["config"] or set(st.get("model", ())) != set(last["model"]):
+            raise SystemExit(f"{f}: a snapshot of another architecture than {run}/last.pt")
+        if st["step"] < last["step"]:
+            snaps[st["step"]] = st
+    use = [snaps[n] for n in sorted(snaps)][-(k - 1):]
+    if len(use) < k - 1:
+        raise SystemExit(f"--average {k}: {run} has {len(snaps)} snapshots before step {last['step']} (--snapshot-every "
+                         f"writes them), {k - 1} needed")
+    states = [st["model"] for st in use] + [last["model"]]
+    mean = {name: (sum(s[name].float() for s in states) / len(states)).to(v.dtype) if v.is_floating_point() else v
+            for name, v in last["model"].items()}
+    return mean, [st["step"] for st in use] + [last["step"]]
 
 
 def _load_run_state(path: str) -> dict:
@@ -567,6 +593,7 @@ def export(args: argparse.Namespace) -> None:
         raise SystemExit(str(e)) from None
     st = _load_run_state(os.path.join(args.export, "last.pt"))
     cfg = ModelConfig.from_dict(st["config"])
+    weights, averaged = _averaged_weights(args.export, st, args.average)
     events = [json.loads(l) for l in open(os.path.join(args.export, "log.jsonl")) if l.strip()]
     starts = [e for e in events if e.get("event") == "start"]
     targs = starts[0]["args"] if starts else {}
@@ -581,11 +608,13 @@ def export(args: argparse.Namespace) -> None:
     cmd = cmds[0].split(": ", 1)[1] if len(cmds) == 1 else " ; ".join(cmds)
     own = OnePromptNet(cfg).state_dict()
     folder = os.path.join(os.path.dirname(os.path.abspath(args.manifest)), "Resources", "Models") if args.manifest else None
-    path = save_weights({k: v for k, v in st["model"].items() if k in own}, cfg, args.name, folder)
-    add_manifest_entry(args.name, path, cfg, training=dict(
-        command=cmd, steps=st["step"], seconds=round(_training_seconds(events), 1),
-        machine=args.machine, seed=targs.get("seed")), make_default=args.default,
-        manifest_path=args.manifest or None, engine=engine)
+    path = save_weights({k: v for k, v in weights.items() if k in own}, cfg, args.name, folder)
+    training = dict(command=cmd, steps=st["step"], seconds=round(_training_seconds(events), 1),
+                    machine=args.machine, seed=targs.get("seed"))
+    if len(averaged) > 1:
+        training["averaged_steps"] = averaged  # the weights are the mean of the run at these steps (SWA)
+    add_manifest_entry(args.name, path, cfg, training=training, make_default=args.default,
+                       manifest_path=args.manifest or None, engine=engine)
     print(f"exported {path}")
 
 
@@ -620,7 +649,11 @@ def main(argv: Optional[List[str]] = None) -> None:
     ap.add_argument("--init", default="", help="start from these weights (fine-tuning): a run's last.pt, or a "
                     "shipped checkpoint by manifest name or path")
     ap.add_argument("--save-every", type=float, default=120, help="seconds between resumable checkpoints")
+    ap.add_argument("--snapshot-every", type=int, default=0, metavar="STEPS",
+                    help="also keep the weights every STEPS steps (snap_STEP.pt) for --average")
     ap.add_argument("--export", default="", help="export this run folder instead of training")
+    ap.add_argument("--average", type=int, default=1, metavar="K",
+                    help="with --export: ship the mean of the final weights and the K-1 latest snapshots (SWA)")
     ap.add_argument("--name", default="onepromptseg-v1")
     ap.add_argument("--machine", default="", help="recorded in the manifest, e.g. '2-core CPU'")
     ap.add_argument("--default", action="store_true", help="make the exported checkpoint the default")

@@ -114,6 +114,30 @@ def test_fine_tuning_starts_from_a_shipped_checkpoint(data_dir, tmp_path):
     assert max(float((run[k] - ref[k]).abs().max()) for k in ref) < 1e-6
 
 
+def test_export_averages_the_last_snapshots(data_dir, tmp_path):
+    """``--snapshot-every`` keeps the weights along the run; ``--export --average K`` ships the mean of the final
+    weights and the K-1 latest snapshots (SWA) and records which steps it averaged."""
+    import torch
+
+    out = str(tmp_path / "swa")
+    train.main(["--out", out, "--data", data_dir, "--batch", "2", "--threads", "1", "--synth-pool", "2", "--steps",
+                "4", "--lr", "0.05", "--snapshot-every", "1", "--save-every", "1000"])
+    assert sorted(os.listdir(out)) == ["last.pt", "log.jsonl"] + [f"snap_00000{n}.pt" for n in range(1, 5)]
+    man = str(tmp_path / "weights_manifest.json")
+    train.main(["--export", out, "--name", "swa", "--manifest", man, "--average", "3"])
+    entry = json.load(open(man))["models"][0]
+    assert entry["training"]["averaged_steps"] == [2, 3, 4] and entry["training"]["steps"] == 4
+    states = [torch.load(os.path.join(out, f"snap_00000{n}.pt"), weights_only=True)["model"] for n in (2, 3, 4)]
+    shipped = load_model("swa", "cpu", manifest_path=man).model.state_dict()
+    flat = lambda sd: torch.cat([sd[k].float().flatten() for k in sorted(sd) if sd[k].is_floating_point()])  # noqa: E731
+    got, mean, final = flat(shipped), sum(flat(st) for st in states) / 3, flat(states[2])
+    assert float((mean - final).abs().max()) > 1e-4  # the averaged steps differ
+    # the shipped (fp16) weights are the mean, not the final step's
+    assert float((got - mean).norm()) < 0.2 * float((got - final).norm())
+    with pytest.raises(SystemExit, match="has 3 snapshots before step 4.*4 needed"):
+        train.main(["--export", out, "--name", "swa", "--manifest", man, "--average", "5"])
+
+
 def test_run_states_are_read_as_weights_only(tmp_path):
     """``--init``/resume/``--export`` read a run's last.pt with weights_only=True: a file holding anything but
     tensors and plain values is refused with one line naming it, as is a torch file that is not a run state."""
