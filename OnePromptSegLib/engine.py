@@ -275,6 +275,7 @@ class PropagationSession:
         self._references: List[_Reference] = []
         self.result: Optional[np.ndarray] = None
         self.seed_slice: Optional[int] = None  #: the slice One-Prompt mode seeded from, if it did
+        self._guessed: Set[int] = set()  #: anchors that are the model's guess (a One-Prompt seed), not drawn
         self._pending = 0  #: slices the walks of the current propagation will write
         self._adapted: Optional[Tuple[tuple, LoadedModel]] = None  #: (drawn slices it was made for, model)
 
@@ -293,7 +294,7 @@ class PropagationSession:
         self.spacing = tuple(s for d, s in enumerate(sp_kji) if d != self.naxis)
         self.n = volume.shape[self.naxis]
         self.lo, self.hi = robust_range(volume)
-        self.anchors, self.quality, self._valid = {}, {}, set()
+        self.anchors, self.quality, self._valid, self._guessed = {}, {}, set(), set()
         self._adapted = None  # adapted to another volume's slices
         self.result = np.zeros(volume.shape, np.uint8)
         self._norm_cache: Dict[Tuple[int, CropBox], np.ndarray] = {}
@@ -354,9 +355,11 @@ class PropagationSession:
         """Unlock a slice; its range is recomputed on the next propagate()."""
         if slice_index in self.anchors:
             del self.anchors[slice_index]
+            self._guessed.discard(slice_index)
             self._invalidate_around(slice_index)
 
     def _lock(self, s: int, mask: np.ndarray) -> None:
+        self._guessed.discard(s)  # drawn over the seed: now the user's
         self.anchors[s] = mask.copy()
         self._set_result(s, mask)
         self.quality[s] = 1.0
@@ -449,11 +452,13 @@ class PropagationSession:
         progress and cancel (stop iterating: nothing is kept, and the next ``propagate`` adapts again).
 
         ``propagate`` runs it itself when needed; it does nothing when ``adapt_steps`` is 0, with fewer than
-        ``adapt_min_drawn`` drawn slices, or when the model is already adapted to the same drawn slices.
+        ``adapt_min_drawn`` drawn slices, or when the model is already adapted to the same drawn slices.  One-Prompt
+        mode's seed is the model's own guess, not drawn: it is not adapted to (until the user draws over it).
         """
         st = self.settings
         key = self._anchor_key()
-        if st.adapt_steps <= 0 or len(self.anchors) < st.adapt_min_drawn or (
+        drawn = {k: m for k, m in self.anchors.items() if k not in self._guessed}
+        if st.adapt_steps <= 0 or len(drawn) < st.adapt_min_drawn or (
                 self._adapted is not None and self._adapted[0] == key):
             return
         from .adapt import adapt_model
@@ -461,12 +466,13 @@ class PropagationSession:
         def crop(s: int, box: CropBox) -> np.ndarray:  # not self._crop: jittered boxes would fill its cache
             return normalize(extract(self._slice(s), box, self.model.size), self.lo, self.hi)
 
-        net = yield from adapt_model(self.model, crop, self.anchors, self.spacing, st.adapt_steps, st.adapt_lr,
+        net = yield from adapt_model(self.model, crop, drawn, self.spacing, st.adapt_steps, st.adapt_lr,
                                      st.adapt_batch, st.max_prompt_distance)
         self._adapted = (key, net)
 
     def _anchor_key(self) -> tuple:
-        return tuple(sorted((s, hash(m.tobytes())) for s, m in self.anchors.items()))
+        """The drawn slices an adaptation was made for."""
+        return tuple(sorted((s, hash(m.tobytes())) for s, m in self.anchors.items() if s not in self._guessed))
 
     def _walk_model(self) -> LoadedModel:
         """The model the walks use: the copy adapted to the current drawn slices, if adaptation is on."""
@@ -713,4 +719,5 @@ class PropagationSession:
         self.quality[s] = best[0]
         self._valid.add(s)
         self.seed_slice = s
+        self._guessed.add(s)
         warnings.warn(f"One-Prompt mode: seeded from slice {s} (quality {best[0]:.2f})", SeedWarning)

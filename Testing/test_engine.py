@@ -421,6 +421,22 @@ def test_cancelled_adaptation_keeps_nothing_and_off_means_the_shared_model(model
     assert list(off.adapt()) == [] and off._walk_model() is model
 
 
+def test_a_one_prompt_seed_is_not_adapted_to_until_drawn_over(model):
+    """One-Prompt mode's seed is the model's own guess: adaptation trains on drawn slices only."""
+    from OnePromptSegLib.synth import make_demo_volume
+
+    ref_img, ref_truth, sp = make_demo_volume(shape=(40, 112, 112), seed=3)
+    img, truth, _ = make_demo_volume(shape=(40, 112, 112), seed=11)
+    k = int(ref_truth.sum(axis=(1, 2)).argmax())
+    s = _session(model, img, EngineSettings(adapt_steps=2, adapt_batch=2), spacing=sp)
+    s.add_reference(ref_img, MaskPrompt(k, ref_truth[k].astype(bool)), "k", sp)
+    with pytest.warns(SeedWarning):
+        list(s.propagate())
+    assert s.seed_slice in s.anchors and s._adapted is None and s._walk_model() is model
+    s.correct(s.seed_slice, truth[s.seed_slice].astype(bool))  # the user draws over the seed
+    assert list(s.adapt()) == [(1, 2), (2, 2)]
+
+
 def test_adapted_sessions_propagate_together_as_alone(model, demo):
     from OnePromptSegLib.engine import propagate_together
 
