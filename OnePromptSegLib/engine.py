@@ -60,6 +60,11 @@ class EngineSettings:
     #: on 30 train/ tasks against 0.680 at 0.6, but walks from a small drawn slice towards a growing object then fall
     #: behind (demo volume, three drawn slices: 0.755 against 0.841), so 0.6 stays (BENCHMARKS.md)
     margin: float = 0.6
+    #: threshold of a slice segmented from a click, box or doodle on it (interactive mode); None = ``threshold``.
+    #: The propagation's threshold counters masks that grow step after step, which one interactive prediction does
+    #: not need: with ``onepromptseg-v6`` a box gave first-slice Dice 0.724 at 0.8 and 0.777 at 0.7 on train/
+    #: (BENCHMARKS.md); each checkpoint's manifest entry sets its own
+    interactive_threshold: Optional[float] = None
     min_area_px: int = 3  #: a prediction smaller than this (pixels) counts as empty
     ssim_sigma: float = 1.0  #: blur (pixels at the model's input size) before SSIM
     #: run the independent walks (both directions, every gap between anchors) in lockstep, one batched model call
@@ -111,16 +116,25 @@ class EngineSettings:
     @classmethod
     def parse(cls, items: Sequence[str], option: str = "--set") -> Dict[str, object]:
         """['threshold=0.8', 'reprompt=no'] -> {'threshold': 0.8, 'reprompt': False}, checked against the fields and
-        typed like their defaults (command-line sweeps and per-checkpoint calibration)."""
-        defaults = cls()
+        typed like their declarations (command-line sweeps and per-checkpoint calibration); an optional setting
+        takes ``none``."""
         out: Dict[str, object] = {}
         for item in items:
             name, _, value = item.partition("=")
             if name not in cls.__dataclass_fields__ or not value:
                 raise PromptError(f"{option} {item}: expected NAME=VALUE with NAME one of "
                                   f"{', '.join(cls.__dataclass_fields__)}")
-            kind = type(getattr(defaults, name))
-            out[name] = value.lower() in ("1", "true", "yes") if kind in (bool, type(None)) else kind(value)
+            declared = str(cls.__dataclass_fields__[name].type)  # a string: this module has postponed annotations
+            if declared.startswith("Optional[") and value.lower() == "none":
+                out[name] = None
+            elif "bool" in declared:
+                out[name] = value.lower() in ("1", "true", "yes")
+            else:
+                kind = {"int": int, "float": float}[declared.replace("Optional[", "").rstrip("]")]
+                try:
+                    out[name] = kind(value)
+                except ValueError:
+                    raise PromptError(f"{option} {item}: {name} takes a number") from None
         return out
 
 
@@ -412,22 +426,26 @@ class PropagationSession:
         img = self._crop(s, box)
         pm = render_prompt_maps(prompt, box, self.model.size)
         prob, _ = self.model.predict(img, [img], [pm], [KIND_INDEX[prompt.kind]])
-        return self._paste(prob, box, self._slice(s).shape)
+        st = self.settings
+        thr = st.threshold if st.interactive_threshold is None else st.interactive_threshold
+        return self._paste(prob, box, self._slice(s).shape, threshold=thr)
 
     def _paste(self, prob: np.ndarray, box: CropBox, shape: Tuple[int, int],
-               prior: Optional[np.ndarray] = None, weight: float = 0.0) -> np.ndarray:
-        """The crop's probabilities on the slice grid, thresholded; averaged first with ``prior`` (a full slice of
-        probabilities, weight ``weight``) where one is given."""
+               prior: Optional[np.ndarray] = None, weight: float = 0.0,
+               threshold: Optional[float] = None) -> np.ndarray:
+        """The crop's probabilities on the slice grid, thresholded (``threshold``, default the propagation's);
+        averaged first with ``prior`` (a full slice of probabilities, weight ``weight``) where one is given."""
         vals, (rs, cs) = paste(prob, box, shape)
         out = np.zeros(shape, bool)
-        out[rs, cs] = self._decide(vals, None if prior is None else prior[rs, cs], weight)
+        out[rs, cs] = self._decide(vals, None if prior is None else prior[rs, cs], weight, threshold)
         if out.sum() < self.settings.min_area_px:
             out[:] = False
         return out
 
-    def _decide(self, prob: np.ndarray, prior: Optional[np.ndarray], w: float = 0.0) -> np.ndarray:
+    def _decide(self, prob: np.ndarray, prior: Optional[np.ndarray], w: float = 0.0,
+                threshold: Optional[float] = None) -> np.ndarray:
         """Probabilities -> mask, averaged first with ``prior`` (weight ``w``) where one is given."""
-        thr = self.settings.threshold
+        thr = self.settings.threshold if threshold is None else threshold
         if prior is not None:
             prob = (1 - w) * prob + w * prior
             thr = (1 - w) * thr + w * 0.5  # each at its own decision boundary adds nothing either way

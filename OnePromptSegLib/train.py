@@ -601,7 +601,7 @@ def export(args: argparse.Namespace) -> None:
     def command(a: dict) -> str:
         return "python -m OnePromptSegLib.train " + " ".join(
             f"--{k.replace('_', '-')} {shlex.quote(str(v))}" for k, v in a.items()
-            if k not in ("export", "name", "default", "machine", "manifest", "engine") and v not in (None, "", []))
+            if k not in ("export", "name", "default", "machine", "manifest", "engine", "average") and v not in (None, "", []))
 
     # A run resumed with other arguments (more steps, fewer threads) lists each command in order, at its step.
     cmds = [f"from step {e['step']}: {command(e['args'])}" for e in starts]

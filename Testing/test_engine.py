@@ -462,3 +462,26 @@ def test_adaptation_needs_a_trainable_checkpoint(oracle):
     s.add_prompt(MaskPrompt(20, truth[20].astype(bool)))
     with pytest.raises(TypeError, match="set adapt_steps=0"):
         list(s.propagate())
+
+
+def test_interactive_threshold_is_its_own_setting(model, demo):
+    """A click/box/doodle slice is thresholded at ``interactive_threshold`` (calibrated per checkpoint); the
+    propagation keeps ``threshold``; on the command line an optional setting takes ``none``."""
+    from OnePromptSegLib.prompts import BBox
+
+    img, truth, spacing = demo
+    k0 = int(truth.sum(axis=(1, 2)).argmax())
+    rr, cc = np.nonzero(truth[k0])
+    box = BBox(k0, float(rr.min()), float(cc.min()), float(rr.max()), float(cc.max()))
+    areas = {}
+    for t in (0.3, 0.9):
+        s = _session(model, img, EngineSettings(threshold=0.8, interactive_threshold=t), spacing=spacing)
+        areas[t] = int(s.segment_slice(box).sum())
+        assert s.settings.threshold == 0.8
+    same = _session(model, img, EngineSettings(threshold=0.9), spacing=spacing).segment_slice(box)
+    assert areas[0.3] > areas[0.9] > 0 and int(same.sum()) == areas[0.9]  # None = the propagation's threshold
+    assert EngineSettings.parse(["interactive_threshold=0.7"]) == {"interactive_threshold": 0.7}
+    assert EngineSettings.parse(["interactive_threshold=none", "batch_walks=no"]) == {
+        "interactive_threshold": None, "batch_walks": False}
+    with pytest.raises(PromptError, match="threshold takes a number"):
+        EngineSettings.parse(["threshold=high"])

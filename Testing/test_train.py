@@ -91,6 +91,7 @@ def test_training_resumes_and_exports(data_dir, tmp_path):
     assert entry["training"]["seconds"] > 0  # both segments counted, the first had no end event
     assert entry["training"]["command"].startswith("from step 0: python -m OnePromptSegLib.train")
     assert "from step 3:" in entry["training"]["command"] and "--superpixel-frac 0.5" in entry["training"]["command"]
+    assert "--average" not in entry["training"]["command"]  # an export option, not part of the recipe
     lm = load_model("tiny-run", "cpu", manifest_path=man)  # sha256 checked, weights_only load
     assert lm.model.config.size == 96
     from OnePromptSegLib.engine import EngineSettings, PropagationSession
