@@ -533,8 +533,11 @@ def _averaged_weights(run: str, last: dict, k: int) -> Tuple[Dict[str, torch.Ten
         return last["model"], [last["step"]]
     snaps: Dict[int, dict] = {}  # by step: a step saved twice counts once
     for f in sorted(glob.glob(os.path.join(run, "snap_*.pt"))):
-        st = torch.load(f, map_location="cpu", weights_only=True)
-        if st.get("config") != last["config"] or set(st.get("model", ())) != set(last["model"]):
+        try:
+            st = torch.load(f, map_location="cpu", weights_only=True)
+        except Exception as e:  # as _load_run_state: one line naming the file
+            raise SystemExit(f"{f}: not a readable snapshot ({type(e).__name__}: {e})") from None
+        if not isinstance(st, dict) or st.get("config") != last["config"] or set(st.get("model", ())) != set(last["model"]):
             raise SystemExit(f"{f}: a snapshot of another architecture than {run}/last.pt")
         if st["step"] < last["step"]:
             snaps[st["step"]] = st
@@ -601,7 +604,8 @@ def export(args: argparse.Namespace) -> None:
     def command(a: dict) -> str:
         return "python -m OnePromptSegLib.train " + " ".join(
             f"--{k.replace('_', '-')} {shlex.quote(str(v))}" for k, v in a.items()
-            if k not in ("export", "name", "default", "machine", "manifest", "engine", "average") and v not in (None, "", []))
+            if k not in ("export", "name", "default", "machine", "manifest", "engine", "average")
+            and v not in (None, "", []))
 
     # A run resumed with other arguments (more steps, fewer threads) lists each command in order, at its step.
     cmds = [f"from step {e['step']}: {command(e['args'])}" for e in starts]
