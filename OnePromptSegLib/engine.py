@@ -474,8 +474,7 @@ class PropagationSession:
         mode's seed is the model's own guess, not drawn: it is not adapted to (until the user draws over it).
         """
         st = self.settings
-        key = self._anchor_key()
-        drawn = {k: m for k, m in self.anchors.items() if k not in self._guessed}
+        key, drawn = self._anchor_key(), self._drawn()
         if st.adapt_steps <= 0 or len(drawn) < st.adapt_min_drawn or (
                 self._adapted is not None and self._adapted[0] == key):
             return
@@ -488,9 +487,13 @@ class PropagationSession:
                                      st.adapt_batch, st.max_prompt_distance)
         self._adapted = (key, net)
 
+    def _drawn(self) -> Dict[int, np.ndarray]:
+        """The anchors the user drew (all but One-Prompt mode's seed, until drawn over)."""
+        return {s: m for s, m in self.anchors.items() if s not in self._guessed}
+
     def _anchor_key(self) -> tuple:
         """The drawn slices an adaptation was made for."""
-        return tuple(sorted((s, hash(m.tobytes())) for s, m in self.anchors.items() if s not in self._guessed))
+        return tuple(sorted((s, hash(m.tobytes())) for s, m in self._drawn().items()))
 
     def _walk_model(self) -> LoadedModel:
         """The model the walks use: the copy adapted to the current drawn slices, if adaptation is on."""

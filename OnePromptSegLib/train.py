@@ -27,7 +27,7 @@ import shlex
 import sys
 import time
 from dataclasses import dataclass
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -533,11 +533,8 @@ def _averaged_weights(run: str, last: dict, k: int) -> Tuple[Dict[str, torch.Ten
         return last["model"], [last["step"]]
     snaps: Dict[int, dict] = {}  # by step: a step saved twice counts once
     for f in sorted(glob.glob(os.path.join(run, "snap_*.pt"))):
-        try:
-            st = torch.load(f, map_location="cpu", weights_only=True)
-        except Exception as e:  # as _load_run_state: one line naming the file
-            raise SystemExit(f"{f}: not a readable snapshot ({type(e).__name__}: {e})") from None
-        if not isinstance(st, dict) or st.get("config") != last["config"] or set(st.get("model", ())) != set(last["model"]):
+        st = _load_run_state(f, ("model", "step", "config"), "snapshot")
+        if st["config"] != last["config"] or set(st["model"]) != set(last["model"]):
             raise SystemExit(f"{f}: a snapshot of another architecture than {run}/last.pt")
         if st["step"] < last["step"]:
             snaps[st["step"]] = st
@@ -551,16 +548,18 @@ def _averaged_weights(run: str, last: dict, k: int) -> Tuple[Dict[str, torch.Ten
     return mean, [st["step"] for st in use] + [last["step"]]
 
 
-def _load_run_state(path: str) -> dict:
-    """A run's ``last.pt`` (weights, AdamW state, step, config): tensors and plain values only, so it is read with
-    ``weights_only=True`` like any checkpoint; a file that is not such a state fails with one line naming it."""
+def _load_run_state(path: str, keys: Sequence[str] = ("model", "opt", "step", "config"),
+                    what: str = "run state") -> dict:
+    """A run's ``last.pt`` (weights, AdamW state, step, config) or a snapshot (``keys`` without the AdamW state):
+    tensors and plain values only, so it is read with ``weights_only=True`` like any checkpoint; a file that is not
+    such a state fails with one line naming it."""
     try:
         st = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle errors come in many types; the user needs the file and the reason
-        raise SystemExit(f"{path}: not a readable run state ({type(e).__name__}: {e})") from None
-    missing = {"model", "opt", "step", "config"} - set(st if isinstance(st, dict) else ())
+        raise SystemExit(f"{path}: not a readable {what} ({type(e).__name__}: {e})") from None
+    missing = set(keys) - set(st if isinstance(st, dict) else ())
     if missing:
-        raise SystemExit(f"{path}: not a run state of this project (missing {sorted(missing)})")
+        raise SystemExit(f"{path}: not a {what} of this project (missing {sorted(missing)})")
     return st
 
 
