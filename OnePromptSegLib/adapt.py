@@ -48,7 +48,6 @@ def adapt_model(model: LoadedModel, slice_crop: Callable[[int, CropBox], np.ndar
     net = copy.deepcopy(model.model).float().train()
     opt = torch.optim.Adam(net.parameters(), lr=lr)
     kinds = torch.full((batch, 1), KIND_INDEX["mask"], dtype=torch.int64, device=dev)
-    valid = torch.ones(batch, 1, dtype=torch.bool, device=dev)
     with torch.enable_grad():
         for step in range(steps):
             qs, ts, ps, ys = [], [], [], []
@@ -73,7 +72,7 @@ def adapt_model(model: LoadedModel, slice_crop: Callable[[int, CropBox], np.ndar
             as_t = lambda arrs, shape: torch.from_numpy(  # noqa: E731
                 np.stack(arrs).astype(np.float32).reshape(shape)).to(dev)
             logits, qual = net(as_t(qs, (batch, 1, S, S)), as_t(ts, (batch, 1, 1, S, S)),
-                               as_t(ps, (batch, 1, 4, S, S)), kinds, valid)
+                               as_t(ps, (batch, 1, 4, S, S)), kinds)
             loss, _ = loss_fn(logits.float(), qual.float(), as_t(ys, (batch, 1, S, S)))
             opt.zero_grad()
             loss.backward()

@@ -182,8 +182,10 @@ class LoadedModel:
         for b, r in enumerate(requests):
             n = len(r.templates)
             P[b, :n], Kd[b, :n], V[b, :n] = np.stack(r.prompts), r.kinds, True
+        # Without padding no mask is passed: the model then skips masking its attention (same result, faster).
+        valid = None if V.all() else torch.from_numpy(V).to(self.device)
         logits, qual = self.model.decode(fq, ft, torch.from_numpy(P).to(self.device, dtype=self.dtype),
-                                         torch.from_numpy(Kd).to(self.device), torch.from_numpy(V).to(self.device))
+                                         torch.from_numpy(Kd).to(self.device), valid)
         while len(self._cache) > self.cache_size:
             self._cache.popitem(last=False)
         probs = torch.sigmoid(logits.float())[:, 0].cpu().numpy()
@@ -205,7 +207,7 @@ class LoadedModel:
             for k, (t, p, kd) in enumerate(zip(templates[b], prompts[b], kinds[b])):
                 T[b, k, 0], P[b, k], Kd[b, k], V[b, k] = t, p, kd, True
         args = [torch.from_numpy(np.asarray(queries, np.float32)[:, None]), torch.from_numpy(T), torch.from_numpy(P),
-                torch.from_numpy(Kd), torch.from_numpy(V)]
+                torch.from_numpy(Kd)] + ([] if V.all() else [torch.from_numpy(V)])
         return self._cpu_if_oom(self._run, args)
 
     def _run(self, args: List[torch.Tensor]) -> Tuple[np.ndarray, np.ndarray]:

@@ -68,8 +68,9 @@ class EngineSettings:
     min_area_px: int = 3  #: a prediction smaller than this (pixels) counts as empty
     ssim_sigma: float = 1.0  #: blur (pixels at the model's input size) before SSIM
     #: run the independent walks (both directions, every gap between anchors) in lockstep, one batched model call
-    #: per step; None = only when the model runs on a GPU (on a CPU a batch costs as much as its parts)
-    batch_walks: Optional[bool] = None
+    #: per step (same result as one walk after the other).  On a GPU that is most of the speed; on the 2-core CPU
+    #: it saves 8-20% since the model's attention skips masking when no template is padding (BENCHMARKS.md)
+    batch_walks: bool = True
     #: between two drawn slices at most ``interp_gap`` slices apart, the model's probability is averaged (weight
     #: ``interp_weight``) with the shape interpolated between them (signed distances, as Fill between slices does):
     #: where the drawn slices are dense the interpolation is the better guess, where they are sparse the model.
@@ -233,11 +234,12 @@ def _drive(walks: List[Iterator], model, batch: bool) -> Iterator[Tuple[int, "Sl
 
 
 def propagate_together(sessions: Sequence["PropagationSession"], direction: str = "both",
-                       batch: Optional[bool] = None) -> Iterator[Tuple[int, "SliceResult"]]:
+                       batch: bool = True) -> Iterator[Tuple[int, "SliceResult"]]:
     """Propagate several sessions (e.g. several labels of one volume) at once; yields (session index, SliceResult).
 
-    On a GPU every step of every walk of every session goes to the model in one batch.  All sessions must share
-    one model.  ``done``/``total`` in the results count over all sessions.
+    With ``batch`` every step of every walk of every session goes to the model in one batch; otherwise the walks
+    run one after the other (same result).  All sessions must share one model.  ``done``/``total`` in the results
+    count over all sessions.
     """
     if not sessions:
         return
@@ -255,8 +257,7 @@ def propagate_together(sessions: Sequence["PropagationSession"], direction: str 
     total = sum(sess._pending for sess in sessions)
     done = 0
     for model, walks, owner in groups.values():
-        use = batch if batch is not None else _on_gpu(model)
-        for i, r in _drive(walks, model, use):
+        for i, r in _drive(walks, model, batch):
             done += 1
             r.done, r.total = done, max(done, total)
             yield owner[i], r
@@ -268,11 +269,6 @@ def _signed_distance(mask: np.ndarray, spacing: Tuple[float, float]) -> np.ndarr
     from scipy import ndimage as ndi
 
     return ndi.distance_transform_edt(mask, sampling=spacing) - ndi.distance_transform_edt(~mask, sampling=spacing)
-
-
-def _on_gpu(model) -> bool:
-    dev = getattr(model, "device", None)
-    return getattr(dev, "type", "cpu") == "cuda"
 
 
 class PropagationSession:
@@ -460,8 +456,7 @@ class PropagationSession:
         limits the slices written.  Slices already computed since the last change are not recomputed.
         """
         walks = self._walks(direction, slice_range)
-        batch = self.settings.batch_walks if self.settings.batch_walks is not None else _on_gpu(self.model)
-        for done, (_, r) in enumerate(_drive(walks, self._walk_model(), batch), start=1):
+        for done, (_, r) in enumerate(_drive(walks, self._walk_model(), self.settings.batch_walks), start=1):
             r.done, r.total = done, max(done, self._pending)
             yield r
 

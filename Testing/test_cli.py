@@ -205,10 +205,11 @@ def test_bench_and_speed_commands(tmp_path, capsys):
         assert r["noi90"] is None or 1 <= r["noi90"] <= 4
         assert 0 <= r["drawn_empty"] < (r["noi90"] or 4)
         assert r["ms_per_slice"] > 0
-    code, stdout, err = run(["speed", "--shape", "12,64,64"], capsys)
+    code, stdout, err = run(["speed", "--shape", "12,64,64", "--repeat", "3"], capsys)
     assert code == 0, err
     sp = json.loads(stdout.strip().splitlines()[-1])
     assert sp["slices"] == 11 and sp["peak_rss_mb"] > 0 and sp["dice"] > 0.5
+    assert len(sp["seconds_runs"]) == 3 and sp["seconds_runs"][0] == sp["seconds"] and sp["ms_per_slice_warm"] > 0
 
 
 def test_preview_window_comes_from_around_the_object(tmp_path):

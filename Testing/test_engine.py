@@ -261,7 +261,7 @@ def test_walk_that_runs_into_an_empty_drawn_slice_is_cut_at_its_least_confident_
 
 
 def test_batched_walks_give_the_same_result(model, demo):
-    """Both directions and every gap in one batched model call per step (the GPU path) == one walk at a time."""
+    """Both directions and every gap in one batched model call per step (the default) == one walk at a time."""
     img, truth, spacing = demo
     zs = np.flatnonzero(truth.any(axis=(1, 2)))
     anchors = (int(zs.min()) + 3, int(truth.sum(axis=(1, 2)).argmax()), int(zs.max()) - 3)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from OnePromptSegLib.model import ModelConfig, OnePromptNet, count_parameters
+from OnePromptSegLib.model import ModelConfig, OnePromptNet, ReadOut, count_parameters, sincos_2d
 
 
 def _inputs(B=2, K=3, S=64):
@@ -45,3 +45,32 @@ def test_interactive_mode_and_gradients():
 def test_default_config_fits_the_size_budget():
     n = count_parameters(OnePromptNet(ModelConfig()))
     assert n * 2 <= 20 * 1024 * 1024  # fp16 bytes
+
+
+def test_readout_equals_plain_softmax_attention_on_every_path():
+    """The read-out writes its softmax out (normaliser from the value product, in place without autograd, no mask
+    when ``valid`` is None): it must equal textbook masked softmax attention on every one of those paths."""
+    import math
+
+    torch.manual_seed(0)
+    ro = ReadOut(8, 16, 5).eval()
+    fq, ft, vals = torch.randn(2, 8, 6, 6), torch.randn(2, 3, 8, 6, 6), torch.rand(2, 3, 5, 6, 6)
+    valid = torch.tensor([[True, True, False], [True, True, True]])
+
+    def plain(v: torch.Tensor) -> torch.Tensor:
+        pe = sincos_2d(6, 6, 16, fq.device, fq.dtype)
+        q = ro.q(fq).flatten(2).transpose(1, 2) + pe
+        k = (ro.k(ft.reshape(6, 8, 6, 6)).flatten(2).transpose(1, 2) + pe).reshape(2, 108, 16)
+        logits = q @ k.transpose(1, 2) / math.sqrt(16)
+        logits = logits.masked_fill(~v.repeat_interleave(36, dim=1)[:, None], float("-inf"))
+        r = logits.softmax(-1) @ vals.permute(0, 1, 3, 4, 2).reshape(2, 108, 5)
+        conf = logits.amax(-1, keepdim=True) / math.sqrt(16)
+        return torch.cat([r, conf], -1).transpose(1, 2).reshape(2, 6, 6, 6)
+
+    with torch.no_grad():
+        want_masked, want_all = plain(valid), plain(torch.ones_like(valid))
+        fast_masked, fast_all = ro(fq, ft, vals, valid), ro(fq, ft, vals, None)
+    grad_masked = ro(fq, ft, vals, valid)  # autograd on: the out-of-place path
+    for got, want in ((fast_masked, want_masked), (fast_all, want_all), (grad_masked.detach(), want_masked)):
+        assert torch.allclose(got, want, atol=1e-5)
+    assert not torch.allclose(want_masked, want_all, atol=1e-3)  # the mask does matter here
