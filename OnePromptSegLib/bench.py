@@ -94,7 +94,7 @@ def cmd_speed(args: argparse.Namespace) -> int:
     dt = runs[0]
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     out = dict(shape_kji=[D, H, W], dtype=args.dtype, device=str(model.device), threads=torch.get_num_threads(),
-               slices=n, seconds=round(dt, 2), ms_per_slice=round(1000 * dt / max(n, 1), 1),
+               slices=n, seconds=round(dt, 3), ms_per_slice=round(1000 * dt / max(n, 1), 1),
                volume_mb=round(vol_mb, 1), result_mb=round(sess.result.nbytes / 2 ** 20, 1),
                peak_rss_mb=round(peak, 1), rss_before_volume_mb=round(rss0, 1), dice=round(dice(sess.result, obj), 4))
     if len(runs) > 1:

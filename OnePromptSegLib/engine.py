@@ -37,7 +37,7 @@ from .crops import CropBox, crop_around, extract, paste
 from .io import normalize, robust_range
 from .prompts import (KIND_INDEX, AxisLike, BBox, MaskPrompt, Prompt, PromptError, ijk_axis,
                       numpy_axis, prompt_points, render_prompt_maps, validate)
-from .ssim import blurred_ssim
+from .ssim import blur, ssim
 
 
 @dataclass
@@ -307,7 +307,7 @@ class PropagationSession:
         self.anchors, self.quality, self._valid, self._guessed = {}, {}, set(), set()
         self._adapted = None  # adapted to another volume's slices
         self.result = np.zeros(volume.shape, np.uint8)
-        self._norm_cache: Dict[Tuple[int, CropBox], np.ndarray] = {}
+        self._norm_cache: Dict[Tuple[int, CropBox, Optional[float]], np.ndarray] = {}
 
     def _slice(self, s: int) -> np.ndarray:
         return np.take(self.volume, s, axis=self.naxis)
@@ -322,13 +322,18 @@ class PropagationSession:
         idx[self.naxis] = s
         self.result[tuple(idx)] = mask
 
-    def _crop(self, s: int, box: CropBox) -> np.ndarray:
-        key = (s, box)
+    def _crop(self, s: int, box: CropBox, sigma: Optional[float] = None) -> np.ndarray:
+        """Slice ``s`` in crop ``box``, normalised; with ``sigma``, blurred for SSIM.  Cached: within a walk a
+        slice is read as query, then as template and SSIM partner of the next steps, in the same crop."""
+        key = (s, box, sigma)
         c = self._norm_cache.get(key)
         if c is None:
             if len(self._norm_cache) > 64:
                 self._norm_cache.clear()
-            c = normalize(extract(self._slice(s), box, self.model.size), self.lo, self.hi)
+            if sigma is None:
+                c = normalize(extract(self._slice(s), box, self.model.size), self.lo, self.hi)
+            else:
+                c = blur(self._crop(s, box), sigma)
             self._norm_cache[key] = c
         return c
 
@@ -568,6 +573,9 @@ class PropagationSession:
                 if m.any():
                     masks[k] = m
         prior, weight = self._gap_prior(start, far) if kind == "gap" else (None, 0.0)
+        # Prompt maps of this walk's slices per crop: a slice prompts up to ``max_templates`` steps, and its mask in
+        # ``masks`` never changes within a walk (set once), so each is drawn once.
+        drawn_maps: Dict[Tuple[int, CropBox], np.ndarray] = {}
         stopped: Dict[int, bool] = {1: False, -1: False}
         empties: Dict[int, int] = {1: 0, -1: 0}
         boxes: Dict[int, Optional[CropBox]] = {1: None, -1: None}
@@ -583,7 +591,7 @@ class PropagationSession:
                 yield SliceResult(s, self._result_slice(s).astype(bool), 0.0, False, 0, 0, -1)
                 continue
             req, src, rep, box = self._prepare(s, prev, masks, kind == "gap" and abs((far - s) - (s - start)) <= 1,
-                                               boxes[side])
+                                               boxes[side], drawn_maps)
             if req is None:
                 mask, q = np.zeros(self._slice(s).shape, bool), 0.0
             else:
@@ -659,10 +667,11 @@ class PropagationSession:
                 return previous
         return fresh
 
-    def _prepare(self, s: int, prev: int, masks: Dict[int, np.ndarray], meeting: bool, prev_box: Optional[CropBox]
+    def _prepare(self, s: int, prev: int, masks: Dict[int, np.ndarray], meeting: bool, prev_box: Optional[CropBox],
+                 drawn_maps: Dict[Tuple[int, CropBox], np.ndarray]
                  ) -> Tuple[Optional[_Request], int, bool, Optional[CropBox]]:
         """What predicting slice ``s`` needs: (model request or None when no prompt is in reach, source slice,
-        re-prompted, crop)."""
+        re-prompted, crop).  ``drawn_maps`` caches the walk's prompt maps by (slice, crop)."""
         st = self.settings
         # The main prompt: the nearest non-empty prediction on this side (prev, or further back after empties).
         src = prev
@@ -673,11 +682,12 @@ class PropagationSession:
             return None, -1, False, prev_box
         box = self._box_for(masks[src], prev_box)
         reprompted = False
-        cand = [k for k in masks if k != src and abs(k - s) <= st.max_prompt_distance and masks[k].any()]
+        # ``masks`` holds only non-empty masks (``_walk`` adds no other), so none is tested again here.
+        cand = [k for k in masks if k != src and abs(k - s) <= st.max_prompt_distance]
         if st.reprompt and cand:
-            sim_src = blurred_ssim(self._crop(s, box), self._crop(src, box), st.ssim_sigma)
+            sim_src = ssim(self._crop(s, box, st.ssim_sigma), self._crop(src, box, st.ssim_sigma))
             if sim_src < st.ssim_threshold:
-                sims = {k: blurred_ssim(self._crop(s, box), self._crop(k, box), st.ssim_sigma) for k in cand}
+                sims = {k: ssim(self._crop(s, box, st.ssim_sigma), self._crop(k, box, st.ssim_sigma)) for k in cand}
                 best = max(sims, key=sims.get)
                 if sims[best] > sim_src:
                     src, reprompted = best, True
@@ -697,10 +707,15 @@ class PropagationSession:
         for k in extra:
             if len(templates) >= st.max_templates:
                 break
-            if k not in templates and abs(k - s) <= st.max_prompt_distance and masks[k].any():
+            if k not in templates and abs(k - s) <= st.max_prompt_distance:
                 templates.append(k)
         imgs = [self._crop(k, box) for k in templates]
-        pms = [render_prompt_maps(MaskPrompt(k, masks[k]), box, self.model.size) for k in templates]
+        if len(drawn_maps) > 4 * st.max_templates:  # older crops are not read again: keep the cache small
+            drawn_maps.clear()
+        for k in templates:
+            if (k, box) not in drawn_maps:
+                drawn_maps[k, box] = render_prompt_maps(MaskPrompt(k, masks[k]), box, self.model.size)
+        pms = [drawn_maps[k, box] for k in templates]
         keys = [(self._uid, k, box) for k in [s] + templates]
         return _Request(self._crop(s, box), imgs, pms, [KIND_INDEX["mask"]] * len(templates), keys), src, reprompted, box
 

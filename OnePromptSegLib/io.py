@@ -270,7 +270,7 @@ def read_segmentation_mask(path: PathLike, segment: Optional[str] = None) -> np.
     return np.ascontiguousarray(mask.transpose(2, 1, 0), dtype=np.uint8)
 
 
-def robust_range(array: np.ndarray, lo_pct: float = 0.5, hi_pct: float = 99.5, max_samples: int = 2_000_000,
+def robust_range(array: np.ndarray, lo_pct: float = 0.5, hi_pct: float = 99.5, max_samples: int = 500_000,
                  seed: int = 0) -> Tuple[float, float]:
     """Intensity window (lo, hi) of a whole volume from percentiles of a random voxel subsample.
 

@@ -249,7 +249,8 @@ def render_prompt_maps(prompt: Prompt, box: CropBox, size: int, click_sigma: flo
         if prompt.background is not None:
             out[1] = _max_resample(np.asarray(prompt.background, bool), box, size)
     elif isinstance(prompt, MaskPrompt):
-        out[3] = np.clip(extract(np.asarray(prompt.mask, np.float32), box, size), 0, 1)
+        # ``extract`` converts only the crop's window to float, not the whole slice's mask.
+        out[3] = np.clip(extract(np.asarray(prompt.mask), box, size), 0, 1)
     return out
 
 

@@ -10,9 +10,16 @@ from scipy import ndimage as ndi
 from skimage.metrics import structural_similarity
 
 
+def blur(a: np.ndarray, sigma: float = 1.0) -> np.ndarray:
+    """The blur ``blurred_ssim`` applies; callers comparing one crop with several can blur it once."""
+    return ndi.gaussian_filter(a, sigma) if sigma > 0 else a
+
+
+def ssim(a: np.ndarray, b: np.ndarray) -> float:
+    """SSIM of two same-shape float images in [0, 1], already blurred with ``blur``."""
+    return float(structural_similarity(a, b, data_range=1.0))
+
+
 def blurred_ssim(a: np.ndarray, b: np.ndarray, sigma: float = 1.0) -> float:
     """SSIM of two same-shape float images in [0, 1] after a Gaussian blur of ``sigma`` pixels."""
-    if sigma > 0:
-        a = ndi.gaussian_filter(a, sigma)
-        b = ndi.gaussian_filter(b, sigma)
-    return float(structural_similarity(a, b, data_range=1.0))
+    return ssim(blur(a, sigma), blur(b, sigma))
