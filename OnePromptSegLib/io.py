@@ -11,12 +11,25 @@ import shutil
 import tempfile
 import warnings
 from dataclasses import dataclass
-from typing import Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Optional, Sequence, Tuple, Union
 
 import numpy as np
-import SimpleITK as sitk
+
+if TYPE_CHECKING:
+    import SimpleITK as sitk
 
 PathLike = Union[str, "os.PathLike[str]"]
+
+
+def _sitk():
+    """SimpleITK, imported when a file is read or written: the engine (``normalize``, ``robust_range``) needs only
+    numpy, so propagation, ``speed`` and training from a pack run where SimpleITK is not installed (the lent GPU
+    machine's image)."""
+    try:
+        import SimpleITK
+    except ImportError as e:
+        raise VolumeIOError("reading and writing images needs SimpleITK: pip install SimpleITK") from e
+    return SimpleITK
 
 #: Output extensions :func:`write_mask` understands (``.seg.nrrd`` is a Slicer segmentation, the others a label map).
 MASK_EXTENSIONS = (".seg.nrrd", ".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
@@ -63,6 +76,7 @@ class Volume:
 
     def to_sitk(self, array: Optional[np.ndarray] = None) -> sitk.Image:
         """A SimpleITK image of ``array`` (default: this volume's voxels) carrying this volume's geometry."""
+        sitk = _sitk()
         array = self.array if array is None else np.asarray(array)
         if array.shape != self.array.shape:
             raise ValueError(f"array shape {array.shape} does not match the volume shape {self.array.shape}")
@@ -75,6 +89,7 @@ class Volume:
 
 def _volume_from_image(image: sitk.Image, path: str) -> Volume:
     """Check ``image`` is a 3D scalar image and wrap it as a :class:`Volume`."""
+    sitk = _sitk()
     if image.GetNumberOfComponentsPerPixel() != 1:
         raise VolumeIOError(f"{path}: has {image.GetNumberOfComponentsPerPixel()} components per voxel (colour or "
                             "vector image); give a single-channel (grayscale) 3D volume")
@@ -87,6 +102,7 @@ def _volume_from_image(image: sitk.Image, path: str) -> Volume:
 
 def _read_dicom_folder(folder: str) -> sitk.Image:
     """Read the DICOM series with the most files in ``folder`` (warning when there are several)."""
+    sitk = _sitk()
     series = {sid: sitk.ImageSeriesReader.GetGDCMSeriesFileNames(folder, sid)
               for sid in sitk.ImageSeriesReader.GetGDCMSeriesIDs(folder)}
     if not series:
@@ -106,6 +122,7 @@ def read_volume(path: PathLike) -> Volume:
 
     Raises VolumeIOError for a missing or unreadable file, a 2D or 4D image, or a multi-component image.
     """
+    sitk = _sitk()
     path = os.fspath(path)
     if not os.path.exists(path):
         raise VolumeIOError(f"{path}: no such file or folder; check the path")
@@ -189,6 +206,7 @@ def write_mask(mask: np.ndarray, reference: Volume, path: PathLike, segment_name
     ``.nrrd``, ``.mha`` and ``.mhd`` a uint8 label map.  The files are written in a temporary folder next to ``path``
     and moved into place only when complete, so a failure never leaves a partial output (nor replaces an old one).
     """
+    sitk = _sitk()
     path = os.fspath(path)
     ext = _mask_extension(path)
     mask = np.asarray(mask)

@@ -262,3 +262,29 @@ def test_normalize_clips_to_unit_range():
     assert x[0, 0] == -50  # input untouched
     with pytest.raises(ValueError):
         io.normalize(x, 5.0, 5.0)
+
+
+def test_propagation_runs_without_simpleitk_and_reading_says_what_is_missing():
+    """The lent GPU machine has no SimpleITK: the engine (and ``speed``) must not need it; reading a file there
+    must say what to install rather than fail on import."""
+    import json
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.modules['SimpleITK'] = None\n"
+        "from OnePromptSegLib import cli, io\n"
+        "try:\n"
+        "    io.read_volume(sys.argv[1])\n"
+        "except io.VolumeIOError as e:\n"
+        "    print('ERR', e)\n"
+        "sys.argv = ['onepromptseg', 'speed', '--shape', '8,48,48']\n"
+        "cli.main()\n"
+    )
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-c", code, __file__], capture_output=True, text=True, cwd=root,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.strip().splitlines()
+    assert lines[0] == "ERR reading and writing images needs SimpleITK: pip install SimpleITK"
+    assert json.loads(lines[-1])["slices"] == 7

@@ -282,3 +282,20 @@ def test_slicer_api_check_finds_no_unknown_name():
     proc = subprocess.run([sys.executable, checker, MODULE_DIR], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, f"slicer_api_check reported errors:\n{proc.stdout}\n{proc.stderr}"
     assert "0 error(s)" in proc.stdout
+
+
+def test_device_check_script_runs_its_steps(tmp_path):
+    """The prepared GPU check (Testing/device_check.sh) runs here with DEVICE=cpu on a small volume: the script a
+    lent machine runs once must not fail on its first real use."""
+    import json
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, OUT=str(tmp_path), DEVICE="cpu", SHAPE="8,48,48", PYTHON=sys.executable)
+    out = subprocess.run(["bash", "Testing/device_check.sh"], cwd=root, env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    agreement = json.loads((tmp_path / "agreement.json").read_text())
+    speed = json.loads((tmp_path / "speed.json").read_text().strip().splitlines()[-1])
+    assert agreement["dice_cpu_vs_device"] == 1.0 and speed["slices"] == 7 and len(speed["seconds_runs"]) == 5

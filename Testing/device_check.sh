@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# The prepared check for a lent GPU machine (the `device` tool; docs/DESIGN.md, "Training"), run there from the
+# repository root with that machine's own python (torch, numpy, scipy, scikit-image: no SimpleITK needed):
+#
+#   bash Testing/device_check.sh [TRAIN_MINUTES]
+#
+# 1. CUDA against the CPU: one propagation of a generated volume on both; the masks must agree (Dice >= 0.98).
+# 2. Issue 3's GPU figure: `speed` on 200 x 512 x 512 ($SHAPE), five runs in one process (cold, then warm).
+# 3. With TRAIN_MINUTES > 0 and pack/train.npz carried: a training run into $OUT/run, resumed from the previous
+#    call's last.pt and log.jsonl if they were carried in $RESUME (default runs/gpu), else from onepromptseg-v6.
+# Everything is written under $OUT (default: device_out/), which comes back to the dev machine.
+set -euo pipefail
+OUT=${OUT:-device_out}
+DEVICE=${DEVICE:-cuda}  # DEVICE=cpu runs the same steps on a machine without a GPU (to check this script)
+SHAPE=${SHAPE:-200,512,512}
+mkdir -p "$OUT"
+PY=${PYTHON:-python}
+
+(nvidia-smi -L || true) | tee "$OUT/gpu.txt"
+$PY - "$DEVICE" <<'EOF' | tee "$OUT/agreement.json"
+import json, sys, time
+
+import numpy as np
+import torch
+
+from OnePromptSegLib.checkpoints import load_model
+from OnePromptSegLib.engine import EngineSettings, PropagationSession
+from OnePromptSegLib.prompts import MaskPrompt
+from OnePromptSegLib.synth import blob_mask
+
+D, H, W = 60, 256, 256
+obj = np.stack([blob_mask((1, H, W), (0, H * 0.45, W * 0.5), (1, H * 0.12, W * 0.1), wobble=0.1,
+                          phase=k * 0.05)[0] for k in range(D)])
+vol = np.where(obj, 300, 40).astype(np.int16)
+out = {"torch": torch.__version__, "cuda": torch.cuda.is_available()}
+masks = {}
+for dev in ("cpu", sys.argv[1]):
+    model = load_model(None, dev)
+    s = PropagationSession(model, EngineSettings.for_model(model))
+    s.set_volume(vol, "k", (0.7, 0.7, 1.5))
+    s.add_prompt(MaskPrompt(D // 2, obj[D // 2]))
+    t = time.time()
+    list(s.propagate())
+    out[f"seconds_{dev}"] = round(time.time() - t, 3)
+    masks[dev] = s.result.astype(bool)
+a, b = masks["cpu"], masks[sys.argv[1]]
+out["dice_cpu_vs_device"] = round(2 * float((a & b).sum()) / max(1, int(a.sum() + b.sum())), 4)
+print(json.dumps(out))
+sys.exit(0 if out["dice_cpu_vs_device"] >= 0.98 else 1)
+EOF
+$PY -m OnePromptSegLib.cli speed --device "$DEVICE" --shape "$SHAPE" --repeat 5 | tee "$OUT/speed.json"
+
+MINUTES=${1:-0}
+if [ "$MINUTES" != "0" ] && [ -f pack/train.npz ]; then
+  mkdir -p "$OUT/run"
+  RESUME=${RESUME:-runs/gpu}
+  INIT=(--init onepromptseg-v6)
+  if [ -f "$RESUME/last.pt" ]; then
+    cp "$RESUME/last.pt" "$RESUME/log.jsonl" "$OUT/run/" && INIT=()  # train resumes from last.pt in --out
+  fi
+  $PY -m OnePromptSegLib.train --data pack/train.npz --device "$DEVICE" --workers 12 --batch 64 \
+    --minutes "$MINUTES" --out "$OUT/run" --snapshot-every 500 "${INIT[@]}" 2>&1 | tail -20
+fi
