@@ -247,14 +247,25 @@ def _deform(rng: np.random.Generator, img: np.ndarray, tgt: np.ndarray) -> Tuple
     return img.astype(np.float32), (tgt > 0.5).astype(np.float32)
 
 
+def _offset(rng: np.random.Generator, kind: str, near: float) -> Tuple[int, bool]:
+    """Slices between template and query of an ordinary pair (1..12, nearer ones likelier), and whether it is a
+    ``near`` pair (see ``sample_pair``).  No extra draw when ``near`` is 0: runs without it sample as before."""
+    if near > 0 and kind == "mask" and rng.random() < near:
+        return 1, True
+    w = np.array([1 / d ** 0.8 for d in range(1, 13)])
+    return int(rng.choice(np.arange(1, 13), p=w / w.sum())), False
+
+
 def sample_pair(rng: np.random.Generator, tv: TaskVolume, size: int, max_extra: int = 2,
-                predict=None, rollout: float = 0.0, correction: float = 0.0):
+                predict=None, rollout: float = 0.0, correction: float = 0.0, near: float = 0.0):
     """One training example: query, templates, prompt maps, kinds, target (all at ``size``).
 
     With ``predict`` (crop -> probabilities) and probability ``rollout``, a mask prompt is the model's own binarised
     prediction of the template slice from a slice 1-3 further back, as in propagation, instead of a corrupted truth:
     the model learns to recover from its own errors rather than drift.  With probability ``correction`` a pair also
     gets a drawn slice beyond the query: the second, interactive pass, where the query lies between two drawn slices.
+    With probability ``near`` a mask-prompted pair is one slice apart and its query is not deformed: propagation's
+    own step, where one model step was measured below copying the previous slice on thin-slice volumes.
     """
     ls = tv.label_sets[rng.integers(len(tv.label_sets))]
     D = tv.image.shape[0]
@@ -264,6 +275,7 @@ def sample_pair(rng: np.random.Generator, tv: TaskVolume, size: int, max_extra: 
     z = int(rng.choice(zs, p=np.sqrt(area[zs]) / np.sqrt(area[zs]).sum()))
     shape = tv.image.shape[1:]
     interactive = rng.random() < 0.3
+    near_pair = False
     ends = ([(int(zs.min()), -1)] if zs.min() > 0 else []) + ([(int(zs.max()), 1)] if zs.max() < D - 1 else [])
     if interactive:
         kind = ["click", "box", "doodle", "click"][rng.integers(4)]
@@ -281,8 +293,8 @@ def sample_pair(rng: np.random.Generator, tv: TaskVolume, size: int, max_extra: 
             outside = [k for k in range(D) if area[k] == 0 and abs(k - z) <= 12]
             qz = int(rng.choice(outside)) if outside else z
         else:
-            w = np.array([1 / d ** 0.8 for d in range(1, 13)])
-            d = int(rng.choice(np.arange(1, 13), p=w / w.sum())) * (1 if rng.random() < 0.5 else -1)
+            step, near_pair = _offset(rng, kind, near)
+            d = step * (1 if rng.random() < 0.5 else -1)
             qz = int(np.clip(z + d, 0, D - 1))
             if qz == z:
                 qz = int(np.clip(z - d, 0, D - 1))
@@ -327,7 +339,7 @@ def sample_pair(rng: np.random.Generator, tv: TaskVolume, size: int, max_extra: 
             kinds.append(KIND_INDEX["mask"])
     q = img_crop(qz)
     tgt = (extract(fg3[qz].astype(np.float32), box, size) > 0.5).astype(np.float32)
-    if not interactive and rng.random() < 0.15:
+    if not interactive and not near_pair and rng.random() < 0.15:
         q, tgt = _deform(rng, q, tgt)
     return q, np.stack(templates), np.stack(prompts), np.array(kinds), tgt
 
@@ -346,11 +358,12 @@ def _augment(rng: np.random.Generator, arrs: List[np.ndarray]) -> List[np.ndarra
 
 
 def make_batch(rng: np.random.Generator, sources: List[TaskVolume], batch: int, size: int, predict=None,
-               rollout: float = 0.0, correction: float = 0.0):
+               rollout: float = 0.0, correction: float = 0.0, near: float = 0.0):
     qs, ts, ps, ks, ys = [], [], [], [], []
     for _ in range(batch):
         tv = sources[rng.integers(len(sources))]
-        q, t, p, k, y = sample_pair(rng, tv, size, predict=predict, rollout=rollout, correction=correction)
+        q, t, p, k, y = sample_pair(rng, tv, size, predict=predict, rollout=rollout, correction=correction,
+                                    near=near)
         q, t, p, y = _augment(rng, [q, t, p, y])
         qs.append(q); ts.append(t); ps.append(p); ks.append(k); ys.append(y)
     K = max(len(k) for k in ks)
@@ -418,7 +431,8 @@ def batches(rng: np.random.Generator, args: argparse.Namespace, real: List[TaskV
         pool = real if use_real else synth
         if use_real and superpix and rng.random() < args.superpixel_frac:
             pool = superpix
-        yield make_batch(rng, pool, args.batch, args.size, predict, args.rollout, args.correction)
+        yield make_batch(rng, pool, args.batch, args.size, predict, args.rollout, args.correction,
+                         args.near)
 
 
 def train(args: argparse.Namespace) -> None:
@@ -649,6 +663,8 @@ def main(argv: Optional[List[str]] = None) -> None:
                     help="share of mask-prompted pairs whose prompt is the model's own prediction (second pass)")
     ap.add_argument("--correction", type=float, default=0.0,
                     help="share of pairs that also get a drawn slice beyond the query (the interactive second pass)")
+    ap.add_argument("--near", type=float, default=0.0,
+                    help="extra share of mask-prompted pairs one slice apart, query not deformed (propagation's step)")
     ap.add_argument("--init", default="", help="start from these weights (fine-tuning): a run's last.pt, or a "
                     "shipped checkpoint by manifest name or path")
     ap.add_argument("--save-every", type=float, default=120, help="seconds between resumable checkpoints")

@@ -172,3 +172,18 @@ def test_packed_volumes_train_like_the_nifti_files(data_dir, tmp_path):
             f"print(len(train.load_real_volumes({pack!r})))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert int(out.stdout) == len(a)
+
+
+def test_near_pairs_are_one_slice_apart_and_only_for_mask_prompts(data_dir):
+    """``--near``: mask-prompted pairs one slice apart (propagation's own step); other kinds keep 1..12; without it
+    the offsets are drawn as before."""
+    rng = np.random.default_rng(4)
+    assert {train._offset(rng, "mask", 1.0) for _ in range(50)} == {(1, True)}
+    box = {train._offset(rng, "box", 1.0)[0] for _ in range(300)}
+    plain = [train._offset(rng, "mask", 0.0) for _ in range(300)]
+    assert len(box) >= 8 and not any(n for _, n in plain) and len({d for d, _ in plain}) >= 8
+    half = [train._offset(rng, "mask", 0.5)[1] for _ in range(400)]
+    assert 150 <= sum(half) <= 250
+    real = train.load_real_volumes(data_dir)
+    q, T, P, Kd, V, y = train.make_batch(np.random.default_rng(5), real, 16, 96, near=1.0)  # the batch path uses it
+    assert q.shape == (16, 1, 96, 96) and V[:, 0].all()
