@@ -6,7 +6,8 @@ its (up to 4 largest) labels along k, the ground-truth mask of the largest slice
 Dice >= 0.90 (``noi90``, capped).  Corrections go through ``PropagationSession.correct`` so only the affected range
 is recomputed, as in the Slicer module.  It also reports, per prompt kind, the first slice from a click, a box and a
 doodle alone and the volume propagated from it, and One-Prompt transfer (prompt one case, segment another case of
-the same dataset), with timings.
+the same dataset), with timings.  ``--one-step`` adds the model's accuracy one slice away from the truth, next to
+copying the truth (a low-noise measure of a checkpoint, free of the walk's drift).
 """
 from __future__ import annotations
 
@@ -29,6 +30,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ends", action="store_true",
                    help="also measure the usual correction: the largest slice plus the first slice past each end of "
                         "the structure drawn empty (one propagation; ends_dice)")
+    p.add_argument("--one-step", action="store_true",
+                   help="also measure one model step from the truth of the neighbouring slice against copying that "
+                        "truth (one_step, copy_step): the model's own accuracy, without a walk's drift")
     p.add_argument("--max-anchors", type=int, default=20)
     p.add_argument("--device", default="cpu")
     p.add_argument("--model", default=None)
@@ -159,6 +163,21 @@ def _ends_dice(model, settings, vol, gt: np.ndarray, k0: int) -> float:
     return dice(sess.result, gt)
 
 
+def _one_step(sess, gt: np.ndarray) -> Dict[str, float]:
+    """Mean Dice over all neighbouring slice pairs holding the structure (both directions) of one model step from
+    the neighbour's truth (``one_step``) and of copying that truth (``copy_step``).  Where slices are close the copy
+    is hard to beat; a model below it drifts in a walk (BENCHMARKS.md, 2026-11-30)."""
+    model_d, copy_d = [], []
+    for k in range(1, gt.shape[0]):
+        if gt[k - 1].any() and gt[k].any():
+            for src, dst in ((k - 1, k), (k, k - 1)):
+                model_d.append(dice(sess.predict_from(dst, src, gt[src]), gt[dst]))
+                copy_d.append(dice(gt[src], gt[dst]))
+    if not model_d:
+        return {}
+    return dict(one_step=round(float(np.mean(model_d)), 4), copy_step=round(float(np.mean(copy_d)), 4))
+
+
 def cases(data_dir: str):
     for ip in sorted(glob.glob(os.path.join(data_dir, "**", "*_img.nii.gz"), recursive=True)):
         lp = ip.replace("_img.nii.gz", "_lbl.nii.gz")
@@ -224,6 +243,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
             row["ms_per_slice"] = round(1000 * step_times[-1], 1)
             if args.ends:
                 row["ends_dice"] = round(_ends_dice(model, settings, vol, gt, k0), 4)
+            if args.one_step:
+                row.update(_one_step(sess, gt))
             for kind in kinds:
                 if kind == "mask":
                     continue
@@ -282,6 +303,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
             summ[f"{kind}_dice1"] = _mean(main_rows, f"{kind}_dice1")
     if args.ends:
         summ["ends_dice"] = _mean(main_rows, "ends_dice")
+    if args.one_step:
+        summ["one_step"] = _mean(main_rows, "one_step")
+        summ["copy_step"] = _mean(main_rows, "copy_step")
     tr = [r["transfer_dice"] for r in rows if "transfer_dice" in r]
     if tr:
         summ["transfer_dice"] = round(float(np.mean(tr)), 4)

@@ -360,6 +360,21 @@ class PropagationSession:
         self._lock(s, mask)
         return mask
 
+    def predict_from(self, slice_index: int, source: int, mask: np.ndarray) -> np.ndarray:
+        """One propagation step on its own: slice ``slice_index`` segmented from ``mask`` on slice ``source`` as the
+        only template, in the crop and at the threshold a walk would use.  Changes nothing in the session: for
+        diagnostics (``bench --one-step`` compares it with copying ``mask``)."""
+        self._need_volume()
+        mask = np.asarray(mask, bool)
+        validate(MaskPrompt(int(source), mask), self.volume.shape, self.axis)
+        if not mask.any():
+            raise PromptError(f"the mask on slice {source} is empty: nothing to propagate from")
+        box = self._box_for(mask, None)
+        pm = render_prompt_maps(MaskPrompt(int(source), mask), box, self.model.size)
+        prob, _ = self.model.predict(self._crop(int(slice_index), box), [self._crop(int(source), box)], [pm],
+                                     [KIND_INDEX["mask"]])
+        return self._paste(prob, box, self._slice(int(slice_index)).shape)
+
     def correct(self, slice_index: int, mask: np.ndarray) -> None:
         """A user-corrected slice: it becomes a locked anchor and its range is recomputed on the next propagate()."""
         self._need_volume()
