@@ -20,18 +20,15 @@ PY=${PYTHON:-python}
 $PY - "$DEVICE" <<'EOF' | tee "$OUT/agreement.json"
 import json, sys, time
 
-import numpy as np
 import torch
 
+from OnePromptSegLib.bench import dice, speed_volume
 from OnePromptSegLib.checkpoints import load_model
 from OnePromptSegLib.engine import EngineSettings, PropagationSession
 from OnePromptSegLib.prompts import MaskPrompt
-from OnePromptSegLib.synth import blob_mask
 
-D, H, W = 60, 256, 256
-obj = np.stack([blob_mask((1, H, W), (0, H * 0.45, W * 0.5), (1, H * 0.12, W * 0.1), wobble=0.1,
-                          phase=k * 0.05)[0] for k in range(D)])
-vol = np.where(obj, 300, 40).astype(np.int16)
+D = 60
+vol, obj = speed_volume((D, 256, 256))
 out = {"torch": torch.__version__, "cuda": torch.cuda.is_available()}
 masks = {}
 for dev in ("cpu", sys.argv[1]):
@@ -43,8 +40,7 @@ for dev in ("cpu", sys.argv[1]):
     list(s.propagate())
     out[f"seconds_{dev}"] = round(time.time() - t, 3)
     masks[dev] = s.result.astype(bool)
-a, b = masks["cpu"], masks[sys.argv[1]]
-out["dice_cpu_vs_device"] = round(2 * float((a & b).sum()) / max(1, int(a.sum() + b.sum())), 4)
+out["dice_cpu_vs_device"] = round(dice(masks["cpu"], masks[sys.argv[1]]), 4)
 print(json.dumps(out))
 sys.exit(0 if out["dice_cpu_vs_device"] >= 0.98 else 1)
 EOF
