@@ -173,15 +173,17 @@ def test_merge_into_protects_drawn_slices():
 def test_real_model_propagates_one_mask_prompt(model, demo):
     img, truth, spacing = demo
     k0 = int(truth.sum(axis=(1, 2)).argmax())
-    s = _session(model, img, EngineSettings(), spacing=spacing)
+    s = _session(model, img, EngineSettings.for_model(model), spacing=spacing)
     s.add_prompt(MaskPrompt(k0, truth[k0].astype(bool)))
     res = list(s.propagate())
-    assert dice(s.result, truth) >= 0.85  # measured 0.90 with onepromptseg-v2 (0.84 with v1) on the CPU
+    # Measured 0.90 with onepromptseg-v2 (0.84 with v1) on the CPU; 0.916 with v6, 0.878 with v6 and the flow
+    # (which lets a small blob go on past the object's ends of this generated volume: 0.034 -> 0.072 below)
+    assert dice(s.result, truth) >= 0.85
     zs = np.flatnonzero(truth.any(axis=(1, 2)))
     # Past the object's ends a checkpoint does not always stop (a small blob can go on: see MODEL_CARD.md's
     # failure cases); the engine's stop rule itself is tested with the oracle above.  The leak must stay small.
     outside = s.result[: zs.min()].sum() + s.result[zs.max() + 1:].sum()
-    assert outside < 0.1 * truth.sum()  # measured 0.013 with onepromptseg-v2 (0.22 with v1)
+    assert outside < 0.1 * truth.sum()  # measured 0.013 with onepromptseg-v2 (0.22 with v1), 0.072 (see above)
     assert all(0.0 <= r.quality <= 1.0 for r in res)
 
 
@@ -344,10 +346,11 @@ def _disc_gap(model, settings: EngineSettings, a: int = 10, b: int = 18) -> np.n
 
 
 def test_short_gaps_blend_in_the_interpolated_shape():
+    # The flow is off: the stand-in model and the interpolation alone decide (the flow is tested in test_flow.py)
     areas = {}
     for gap in (8, 4):  # drawn slices 10 and 18, interpolation allowed for gaps up to ``gap``
         areas[gap] = _disc_gap(_UnsureModel(), EngineSettings(interp_gap=gap, interp_ramp=1, threshold=0.5,
-                                                              reprompt=False))
+                                                              reprompt=False, flow_weight=0.0))
     r_mid = np.sqrt(areas[8][3] / np.pi)  # slice 14, halfway: radius ~ (6 + 14) / 2
     assert abs(r_mid - 10) <= 0.7
     assert np.all(np.diff(areas[8]) > 0)  # grows steadily from the small disc to the large one
@@ -364,11 +367,12 @@ class _SureModel:
 
 
 def test_interpolation_weight_ramps_up_as_drawn_slices_get_closer():
-    # Weight 0.5 lets the over-eager model fill its crop (1 - w) * 0.7 > 0.5 * w; the ramp gives a gap of three
+    # (The flow is off, as above.)  Weight 0.5 lets the over-eager model fill its crop (1 - w) * 0.7 > 0.5 * w; the ramp gives a gap of three
     # slices weight 1 - 0.5 * 1/6 = 0.92, and the interpolated shape wins.
-    flat = _disc_gap(_SureModel(), EngineSettings(interp_ramp=1, threshold=0.3, reprompt=False), 10, 13)
-    ramp = _disc_gap(_SureModel(), EngineSettings(interp_weight=0.5, interp_ramp=8, threshold=0.3, reprompt=False),
+    flat = _disc_gap(_SureModel(), EngineSettings(interp_ramp=1, threshold=0.3, reprompt=False, flow_weight=0.0),
                      10, 13)
+    ramp = _disc_gap(_SureModel(), EngineSettings(interp_weight=0.5, interp_ramp=8, threshold=0.3, reprompt=False,
+                                         flow_weight=0.0), 10, 13)
     r = np.sqrt(ramp / np.pi)  # radii 6 + 8/3 and 6 + 16/3
     assert np.all(np.abs(r - (6 + 8 / 3 * np.array([1, 2]))) <= 0.7)
     assert np.all(flat > 1.5 * ramp)
