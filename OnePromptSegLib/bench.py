@@ -56,6 +56,8 @@ def add_speed_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeat", type=int, default=1,
                    help="propagate this many times, each in a new session; the first run pays torch's first-call "
                         "costs (once per process: once per Slicer session), later ones are reported as warm")
+    p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                   help="any EngineSettings field, e.g. --set flow_weight=0 (what a setting costs)")
     p.set_defaults(func=cmd_speed)
 
 
@@ -89,6 +91,7 @@ def cmd_speed(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     D, H, W = (int(v) for v in args.shape.split(","))
+    overrides = EngineSettings.parse(args.set)
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     vol, obj = speed_volume((D, H, W), args.dtype)
     vol_mb = vol.nbytes / 2 ** 20
@@ -96,7 +99,7 @@ def cmd_speed(args: argparse.Namespace) -> int:
     runs = []
     for _ in range(max(1, args.repeat)):
         # A new session each time: its slices are new keys to the feature cache, so nothing is reused.
-        sess = PropagationSession(model, EngineSettings.for_model(model))
+        sess = PropagationSession(model, EngineSettings.for_model(model, **overrides))
         sess.set_volume(vol, "k", (0.7, 0.7, 1.5))
         k0 = D // 2
         sess.add_prompt(MaskPrompt(k0, obj[k0]))
