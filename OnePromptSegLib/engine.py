@@ -380,7 +380,7 @@ class PropagationSession:
         pm = render_prompt_maps(MaskPrompt(int(source), mask), box, self.model.size)
         prob, _ = self.model.predict(self._crop(int(slice_index), box), [self._crop(int(source), box)], [pm],
                                      [KIND_INDEX["mask"]])
-        prob = self._with_flow(prob, int(source), int(slice_index), mask, box)
+        prob = self._with_flow(prob, int(source), int(slice_index), box, mask)
         return self._paste(prob, box, self._slice(int(slice_index)).shape)
 
     def correct(self, slice_index: int, mask: np.ndarray) -> None:
@@ -454,24 +454,31 @@ class PropagationSession:
         thr = st.threshold if st.interactive_threshold is None else st.interactive_threshold
         return self._paste(prob, box, self._slice(s).shape, threshold=thr)
 
-    def _with_flow(self, prob: np.ndarray, src: int, s: int, mask: np.ndarray, box: CropBox) -> np.ndarray:
-        """The model's probabilities for slice ``s`` (crop ``box``) averaged (``flow_weight``) with ``mask`` of
-        slice ``src`` carried along the optical flow from ``src``'s image to ``s``'s.
+    def _with_flow(self, prob: np.ndarray, src: int, s: int, box: CropBox, mask: np.ndarray,
+                   soft: Optional[np.ndarray] = None) -> np.ndarray:
+        """The model's probabilities for slice ``s`` (crop ``box``) averaged (``flow_weight``) with slice ``src``'s
+        result carried along the optical flow from ``src``'s image to ``s``'s.
 
-        The flow: TV-L1 at half the model's input size (a 48 and a 24 pixel level, 3 warps x 5 iterations), about
-        5 ms; on 30 train/ tasks within 0.003 Dice of scikit-image's defaults at full size, which take 20x longer
-        (one level only was as good there, but missed motions of a few pixels; BENCHMARKS.md).  It is applied to
-        the mask at full size.  The carried mask is soft; it is rescaled so that its 0.5 falls on the propagation's
-        threshold: each term then counts at its own decision boundary.  (Carrying the previous step's averaged
-        probabilities instead, which makes a walk an average of the model's probabilities along the flow, measured
-        0.708 against 0.712 from one slice on train/: not kept.)
+        What is carried: ``soft``, ``src``'s own averaged probabilities in this crop where the walk has them (its
+        previous step, same crop), so that a walk averages the model's probabilities along the flow; otherwise
+        ``mask`` (a drawn slice, or a new crop), rescaled so that its 0.5 falls on the threshold.  Carrying the
+        thresholded mask at every step instead was a ratchet: a pixel outside the carried mask can never pass
+        (``(1 - w) * p + 0 < threshold``), so masks could shrink but not grow, and on a generated volume with a blob
+        of constant size a 50-slice walk lost a quarter of its area (BENCHMARKS.md).
+
+        The flow: TV-L1 at half the model's input size (levels of 48 and 24 pixels, 3 warps x 5 iterations),
+        about 5 ms; on 30 train/ tasks within 0.003 Dice of scikit-image's defaults at full size, which take 20x
+        longer (one level only was as good there, but missed motions of a few pixels).
         """
         w = self.settings.flow_weight
         if w <= 0:
             return prob
         v, u = tvl1(pool(self._crop(s, box)), pool(self._crop(src, box)), num_warp=3, num_iter=5)
         size = self.model.size
-        carried = warp_mask(extract(mask, box, size), resize_flow((v, u), (size, size)))
+        flow = resize_flow((v, u), (size, size))
+        if soft is not None:
+            return (1 - w) * prob + w * warp_mask(soft, flow)
+        carried = warp_mask(extract(mask, box, size), flow)
         t = self.settings.threshold
         carried = np.where(carried < 0.5, carried * (2 * t), t + (carried - 0.5) * (2 * (1 - t)))
         return (1 - w) * prob + w * carried
@@ -621,6 +628,8 @@ class PropagationSession:
         # Prompt maps of this walk's slices per crop: a slice prompts up to ``max_templates`` steps, and its mask in
         # ``masks`` never changes within a walk (set once), so each is drawn once.
         drawn_maps: Dict[Tuple[int, CropBox], np.ndarray] = {}
+        # The last step's probabilities (after the flow average) and crop, carried to the next step (_with_flow).
+        soft: Dict[int, Tuple[CropBox, np.ndarray]] = {}
         stopped: Dict[int, bool] = {1: False, -1: False}
         empties: Dict[int, int] = {1: 0, -1: 0}
         boxes: Dict[int, Optional[CropBox]] = {1: None, -1: None}
@@ -641,7 +650,10 @@ class PropagationSession:
                 mask, q = np.zeros(self._slice(s).shape, bool), 0.0
             else:
                 prob, q = yield req
-                prob = self._with_flow(prob, src, s, masks[src], box)
+                before = soft.pop(src, None)  # a slice is the main prompt of one step only
+                prob = self._with_flow(prob, src, s, box, masks[src],
+                                       before[1] if before is not None and before[0] == box else None)
+                soft[s] = (box, prob)
                 mask = self._paste(prob, box, self._slice(s).shape, prior(s) if prior else None, weight)
                 boxes[side] = box
             # Between two drawn slices the object is known to go on: there only an empty prediction ends a walk.

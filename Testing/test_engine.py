@@ -176,14 +176,14 @@ def test_real_model_propagates_one_mask_prompt(model, demo):
     s = _session(model, img, EngineSettings.for_model(model), spacing=spacing)
     s.add_prompt(MaskPrompt(k0, truth[k0].astype(bool)))
     res = list(s.propagate())
-    # Measured 0.90 with onepromptseg-v2 (0.84 with v1) on the CPU; 0.916 with v6, 0.878 with v6 and the flow
-    # (which lets a small blob go on past the object's ends of this generated volume: 0.034 -> 0.072 below)
+    # Measured 0.90 with onepromptseg-v2 (0.84 with v1) on the CPU; 0.916 with v6, 0.893 with v6 and the flow
+    # (which lets a small blob go on past the object's ends of this generated volume: 0.034 -> 0.064 below)
     assert dice(s.result, truth) >= 0.85
     zs = np.flatnonzero(truth.any(axis=(1, 2)))
     # Past the object's ends a checkpoint does not always stop (a small blob can go on: see MODEL_CARD.md's
     # failure cases); the engine's stop rule itself is tested with the oracle above.  The leak must stay small.
     outside = s.result[: zs.min()].sum() + s.result[zs.max() + 1:].sum()
-    assert outside < 0.1 * truth.sum()  # measured 0.013 with onepromptseg-v2 (0.22 with v1), 0.072 (see above)
+    assert outside < 0.1 * truth.sum()  # measured 0.013 with onepromptseg-v2 (0.22 with v1), 0.064 (see above)
     assert all(0.0 <= r.quality <= 1.0 for r in res)
 
 

@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import numpy as np
-import pytest
 from scipy import ndimage as ndi
 
+from OnePromptSegLib.bench import dice, speed_volume
+from OnePromptSegLib.engine import EngineSettings, PropagationSession
 from OnePromptSegLib.flow import pool, resize_flow, tvl1, warp_mask
+from OnePromptSegLib.prompts import MaskPrompt
 
 
 def _moved_pair(size: int = 96, seed: int = 0):
@@ -80,8 +82,6 @@ class CopyModel:
 
 
 def _walk(model, img, truth, settings) -> np.ndarray:
-    from OnePromptSegLib.engine import PropagationSession
-    from OnePromptSegLib.prompts import MaskPrompt
 
     sess = PropagationSession(model, settings)
     sess.set_volume(img)
@@ -92,10 +92,8 @@ def _walk(model, img, truth, settings) -> np.ndarray:
 
 
 def test_flow_carries_the_mask_where_the_model_keeps_the_shape():
-    """A model that keeps the drawn shape (as walks tend to: masks grow step after step) loses a shrinking object;
-    averaged with the flow-carried mask the same walk follows it, since a pixel then needs both to agree."""
-    from OnePromptSegLib.bench import dice
-    from OnePromptSegLib.engine import EngineSettings
+    """A model that keeps the drawn shape (as walks tend to) loses a shrinking object; averaged with its previous
+    step carried along the flow, the same walk follows much of the shrinkage."""
 
     img, truth = _shrinking_volume()
     kept = _walk(CopyModel(), img, truth, EngineSettings(flow_weight=0.0))
@@ -103,14 +101,32 @@ def test_flow_carries_the_mask_where_the_model_keeps_the_shape():
     followed = _walk(CopyModel(), img, truth, EngineSettings(flow_weight=0.5))
     areas = followed.sum((1, 2))
     assert (np.diff(areas) <= 0).all() and areas[-1] < 0.85 * areas[0]
-    # Measured 0.636 -> 0.717.  The flow under-estimates a sub-pixel shrink (TV regularisation) and the thresholded
-    # average keeps an edge pixel unless both agree it left: the walk follows only part of the shrink.
+    # Measured 0.636 -> 0.725: TV-L1 under-estimates the shrinkage (its regularisation), and every step is half
+    # the model's unchanged shape.
     assert dice(followed, truth) > dice(kept, truth) + 0.05
 
 
+def test_a_long_walk_with_the_flow_keeps_its_object(model):
+    """Each step is averaged with the previous step's probabilities, not its thresholded mask.  With the mask, a
+    pixel outside it could never pass again (``(1 - w) * p + 0 < threshold``), and small losses at the edge added
+    up: on this volume (a blob of constant size through 100 slices) Dice fell from 0.958 to 0.930 (0.915 at 256 x
+    256), the blob shrinking by a fifth towards both ends.  Measured now: 0.956."""
+
+    vol, obj = speed_volume((100, 128, 128))
+    result = {}
+    for w in (0.0, 0.5):
+        sess = PropagationSession(model, EngineSettings.for_model(model, flow_weight=w))
+        sess.set_volume(vol, "k", (0.7, 0.7, 1.5))
+        sess.add_prompt(MaskPrompt(50, obj[50]))
+        for _ in sess.propagate():
+            pass
+        result[w] = sess.result.astype(bool)
+    assert dice(result[0.5], obj) > max(0.95, dice(result[0.0], obj) - 0.01)
+    areas = result[0.5].sum((1, 2))
+    assert areas[[0, -1]].min() > 0.85 * obj[50].sum()
+
+
 def test_real_model_with_flow_on_a_shrinking_object(model):
-    from OnePromptSegLib.bench import dice
-    from OnePromptSegLib.engine import EngineSettings
 
     img, truth = _shrinking_volume()
-    assert dice(_walk(model, img, truth, EngineSettings.for_model(model, flow_weight=0.5)), truth) > 0.97
+    assert dice(_walk(model, img, truth, EngineSettings.for_model(model, flow_weight=0.5)), truth) > 0.97  # 0.991
