@@ -102,11 +102,11 @@ class EngineSettings:
     adapt_lr: float = 1e-4
     adapt_batch: int = 8
     adapt_min_drawn: int = 1  #: adapt only when at least this many slices are drawn (2: only from real pairs)
-    #: each step's probabilities are averaged (this weight) with the prompt slice's mask carried to the slice by
-    #: the optical flow between the two images (``OnePromptSegLib.flow``): the model keeps the prompt's size and
-    #: place where the anatomy shrinks or moves (left atrium, spinal cord), the flow follows it.  Calibrated on
-    #: 30 train/ tasks (BENCHMARKS.md): Dice from one slice 0.697 (0) -> 0.708 / 0.712 / 0.711 (0.3 / 0.5 / 0.7);
-    #: on eval 0.747 -> 0.765.  It costs about 5 ms of CPU a step (0 turns it off)
+    #: each step's probabilities are averaged (this weight) with the previous step's carried to the slice by the
+    #: optical flow between the two images (``OnePromptSegLib.flow``; ``_with_flow``): the model keeps the prompt's
+    #: size and place where the anatomy shrinks or moves (left atrium, spinal cord), the flow follows it.
+    #: Calibrated on 30 train/ tasks (BENCHMARKS.md): Dice from one slice 0.697 (0) -> 0.705 / 0.708 / 0.713 (0.3 /
+    #: 0.5 / 0.7; 0.7 lost more on generated volumes); on eval 0.747 -> 0.768.  About 5 ms of CPU a step (0: off)
     flow_weight: float = 0.5
 
 

@@ -1,15 +1,16 @@
-"""Dense optical flow between two crops (TV-L1), used to carry a mask from one slice to the next.
+"""Dense optical flow between two crops (TV-L1), used to carry a walk's result from one slice to the next.
 
-The model predicts slice s from slice s-1's image and mask; a mask warped by the optical flow between the two images
-follows the anatomy's shift and shrinkage, which the model, trained to keep shapes, follows poorly on thin slices
-(left atrium, spinal cord).  The engine averages the two (``EngineSettings.flow_weight``; docs/BENCHMARKS.md).
+The model predicts slice s from slice s-1's image and mask; a mask (or probabilities) warped by the optical flow
+between the two images follows the anatomy's shift and shrinkage, which the model, trained to keep shapes, follows
+poorly on thin slices (left atrium, spinal cord).  The engine averages the two (``EngineSettings.flow_weight``,
+``PropagationSession._with_flow``; docs/BENCHMARKS.md).
 
 This is the TV-L1 solver of scikit-image (``skimage.registration.optical_flow_tvl1``: Zach et al. 2007, Wedel et
 al. 2009, coarse to fine), written out because scikit-image's takes ~110 ms on a 96 x 96 crop, more than a model
 step: its data term updates through boolean fancy indexing and each flow component is regularised in its own loop.
-Here both components go through each operation at once, the data term uses ``np.where``, the pyramid is 2 x 2 mean
-pooling, and the iteration counts are the calibrated ones.  The result matches scikit-image's to within a small
-fraction of a pixel on smooth images (Testing/test_flow.py).
+Here both components go through each operation at once, the data term uses ``np.where`` and the pyramid is 2 x 2
+mean pooling; the engine asks for fewer iterations at half its input size (calibrated).  The result matches
+scikit-image's to within a small fraction of a pixel on smooth images (Testing/test_flow.py).
 """
 from __future__ import annotations
 
