@@ -5,7 +5,8 @@
 #   bash Testing/device_check.sh [TRAIN_MINUTES]
 #
 # 1. CUDA against the CPU: one propagation of a generated volume on both; the masks must agree (Dice >= 0.98).
-# 2. Issue 3's GPU figure: `speed` on 200 x 512 x 512 ($SHAPE), five runs in one process (cold, then warm).
+# 2. Issue 3's GPU figure: `speed` on 200 x 512 x 512 ($SHAPE), five runs in one process (cold, then warm), with
+#    the engine's optical flow (CPU work, ~5 ms a step) and without it (speed_noflow.json).
 # 3. With TRAIN_MINUTES > 0 and pack/train.npz carried: a training run into $OUT/run, resumed from the previous
 #    call's last.pt and log.jsonl if they were carried in $RESUME (default runs/gpu), else from onepromptseg-v6.
 # Everything is written under $OUT (default: device_out/), which comes back to the dev machine.
@@ -45,6 +46,8 @@ print(json.dumps(out))
 sys.exit(0 if out["dice_cpu_vs_device"] >= 0.98 else 1)
 EOF
 $PY -m OnePromptSegLib.cli speed --device "$DEVICE" --shape "$SHAPE" --repeat 5 | tee "$OUT/speed.json"
+$PY -m OnePromptSegLib.cli speed --device "$DEVICE" --shape "$SHAPE" --repeat 5 --set flow_weight=0 \
+  | tee "$OUT/speed_noflow.json"
 
 MINUTES=${1:-0}
 if [ "$MINUTES" != "0" ] && [ -f pack/train.npz ]; then

@@ -299,3 +299,5 @@ def test_device_check_script_runs_its_steps(tmp_path):
     agreement = json.loads((tmp_path / "agreement.json").read_text())
     speed = json.loads((tmp_path / "speed.json").read_text().strip().splitlines()[-1])
     assert agreement["dice_cpu_vs_device"] == 1.0 and speed["slices"] == 7 and len(speed["seconds_runs"]) == 5
+    noflow = json.loads((tmp_path / "speed_noflow.json").read_text().strip().splitlines()[-1])
+    assert noflow["slices"] == 7 and len(noflow["seconds_runs"]) == 5
