@@ -650,7 +650,7 @@ class PropagationSession:
                 mask, q = np.zeros(self._slice(s).shape, bool), 0.0
             else:
                 prob, q = yield req
-                before = soft.pop(src, None)  # a slice is the main prompt of one step only
+                before = soft.pop(src, None)  # used once: a later step prompted by ``src`` carries its mask
                 prob = self._with_flow(prob, src, s, box, masks[src],
                                        before[1] if before is not None and before[0] == box else None)
                 soft[s] = (box, prob)

@@ -367,8 +367,8 @@ class _SureModel:
 
 
 def test_interpolation_weight_ramps_up_as_drawn_slices_get_closer():
-    # (The flow is off, as above.)  Weight 0.5 lets the over-eager model fill its crop (1 - w) * 0.7 > 0.5 * w; the ramp gives a gap of three
-    # slices weight 1 - 0.5 * 1/6 = 0.92, and the interpolated shape wins.
+    # (The flow is off, as above.)  Weight 0.5 lets the over-eager model fill its crop (1 - w) * 0.7 > 0.5 * w;
+    # the ramp gives a gap of three slices weight 1 - 0.5 * 1/6 = 0.92, and the interpolated shape wins.
     flat = _disc_gap(_SureModel(), EngineSettings(interp_ramp=1, threshold=0.3, reprompt=False, flow_weight=0.0),
                      10, 13)
     ramp = _disc_gap(_SureModel(), EngineSettings(interp_weight=0.5, interp_ramp=8, threshold=0.3, reprompt=False,

@@ -1,4 +1,4 @@
-"""The optical flow that carries a mask from one slice to the next (OnePromptSegLib.flow) and its use in a walk."""
+"""The optical flow that carries a walk from one slice to the next (OnePromptSegLib.flow) and its use in a walk."""
 from __future__ import annotations
 
 import numpy as np
@@ -40,8 +40,8 @@ def test_tvl1_recovers_a_known_motion_and_matches_scikit_image():
 
 
 def test_tvl1_stays_finite_on_flat_images():
-    # A step of 1e-20 has a squared gradient below float32's smallest normal number: its inverse overflowed, and
-    # 0 * inf made the flow NaN (seen on the zero-padded crops of a generated volume).
+    # Flat crops (zero padding outside the slice) and near-flat ones: a step of 1e-20 has a squared gradient below
+    # float32's smallest normal number.  A version that multiplied by its inverse got 0 * inf, and NaN flows.
     a = np.zeros((48, 48), np.float32)
     a[:, 24:] = 1e-20
     for img in (a, np.zeros((48, 48), np.float32)):
@@ -82,7 +82,7 @@ class CopyModel:
 
 
 def _walk(model, img, truth, settings) -> np.ndarray:
-
+    """The result of a forward walk from slice 0's truth."""
     sess = PropagationSession(model, settings)
     sess.set_volume(img)
     sess.add_prompt(MaskPrompt(0, truth[0]))
@@ -94,7 +94,6 @@ def _walk(model, img, truth, settings) -> np.ndarray:
 def test_flow_carries_the_mask_where_the_model_keeps_the_shape():
     """A model that keeps the drawn shape (as walks tend to) loses a shrinking object; averaged with its previous
     step carried along the flow, the same walk follows much of the shrinkage."""
-
     img, truth = _shrinking_volume()
     kept = _walk(CopyModel(), img, truth, EngineSettings(flow_weight=0.0))
     assert np.allclose(kept.sum((1, 2)), truth[0].sum(), rtol=0.01)  # no flow: slice 0's disc on every slice
@@ -111,7 +110,6 @@ def test_a_long_walk_with_the_flow_keeps_its_object(model):
     pixel outside it could never pass again (``(1 - w) * p + 0 < threshold``), and small losses at the edge added
     up: on this volume (a blob of constant size through 100 slices) Dice fell from 0.958 to 0.930 (0.915 at 256 x
     256), the blob shrinking by a fifth towards both ends.  Measured now: 0.956."""
-
     vol, obj = speed_volume((100, 128, 128))
     result = {}
     for w in (0.0, 0.5):
@@ -127,6 +125,6 @@ def test_a_long_walk_with_the_flow_keeps_its_object(model):
 
 
 def test_real_model_with_flow_on_a_shrinking_object(model):
-
+    """The bundled model with the flow on the textured, shrinking disc (measured 0.991)."""
     img, truth = _shrinking_volume()
     assert dice(_walk(model, img, truth, EngineSettings.for_model(model, flow_weight=0.5)), truth) > 0.97  # 0.991
