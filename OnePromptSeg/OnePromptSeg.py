@@ -118,6 +118,7 @@ class OnePromptSegParameterNode:
     useCalibratedThreshold: bool = True
     ssimThreshold: Annotated[float, WithinRange(0.0, 1.0)] = 0.5
     reprompt: bool = True
+    followAnatomy: bool = True
     device: Annotated[str, Choice(DEVICES)] = "auto"
     modelName: str = ""
 
@@ -595,12 +596,12 @@ class OnePromptSegLogic(ScriptedLoadableModuleLogic):
                     sliceRange=(min(pn.sliceFirst, pn.sliceLast), max(pn.sliceFirst, pn.sliceLast))
                     if pn.useSliceRange else None,
                     ssimThreshold=None if pn.useCalibratedThreshold else pn.ssimThreshold, reprompt=pn.reprompt,
-                    modelName=pn.modelName, device=pn.device)
+                    followAnatomy=pn.followAnatomy, modelName=pn.modelName, device=pn.device)
 
     def segment(self, volumeNode, segmentationNode, segmentId, promptType=PROMPT_MASK, sliceView="Red", axis=None,
                 templateVolumeNode=None, templateSegmentationNode=None, templateSegmentId=None, direction="both",
-                sliceRange=None, ssimThreshold=None, reprompt=True, modelName="", device="auto",
-                progressCallback=None, writer=None, **promptNodes):
+                sliceRange=None, ssimThreshold=None, reprompt=True, followAnatomy=True, modelName="",
+                device="auto", progressCallback=None, writer=None, **promptNodes):
         """Prompt, propagate and write into ``segmentId``.  Returns a summary dict.
 
         ``promptNodes``: positivePoints, negativePoints, roiNode, scribbleSegmentationNode, scribbleForegroundId,
@@ -608,7 +609,8 @@ class OnePromptSegLogic(ScriptedLoadableModuleLogic):
         volume (mask prompts from ``templateSegmentId``) and segment this volume.  ``progressCallback(result=None,
         message=None)`` is called with a status message or a SliceResult; returning False cancels, keeping what was
         done.  ``writer(array, volumeNode, segmentationNode, segmentId)``
-        replaces the default write (the Segment Editor effect passes its own).
+        replaces the default write (the Segment Editor effect passes its own).  ``followAnatomy=False`` turns off
+        the engine's optical flow between neighbouring slices (``flow_weight``): faster, less accurate.
         """
         from OnePromptSegLib.engine import EngineSettings, PropagationSession
         image, ijkToWorld, spacing = self.volumeArray(volumeNode)
@@ -619,7 +621,8 @@ class OnePromptSegLogic(ScriptedLoadableModuleLogic):
             if progressCallback:
                 progressCallback(message=_("Loading the model..."))
             model = self.loadModel(modelName, device)
-            settings = EngineSettings.for_model(model, reprompt=bool(reprompt))
+            settings = EngineSettings.for_model(model, reprompt=bool(reprompt),
+                                                **({} if followAnatomy else {"flow_weight": 0.0}))
             if ssimThreshold is not None:
                 settings.ssim_threshold = float(ssimThreshold)
             session = PropagationSession(model, settings)

@@ -391,6 +391,23 @@ def test_parameter_node_defaults_are_valid_choices(module):
     assert set(module.DIRECTIONS.values()) == {"both", "forward", "backward"}
 
 
+def test_follow_anatomy_switches_the_engines_optical_flow(module, logic, scene, monkeypatch):
+    from OnePromptSegLib import engine
+
+    volume, seg, _truth = scene
+    used = []
+    plain = engine.PropagationSession.__init__
+
+    def init(self, model, settings=None):
+        used.append(settings.flow_weight)
+        plain(self, model, settings)
+    monkeypatch.setattr(engine.PropagationSession, "__init__", init)
+    assert module.OnePromptSegParameterNode.followAnatomy is True
+    logic.segment(volume, seg, "lesion", module.PROMPT_MASK)
+    logic.segment(volume, seg, "lesion", module.PROMPT_MASK, followAnatomy=False)
+    assert used == [engine.EngineSettings.flow_weight, 0.0] and used[0] > 0
+
+
 def test_dependencies_present_means_no_install(module, logic):
     assert logic.ensureDependencies(askConfirmation=False) is True
 
