@@ -40,6 +40,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-reprompt", action="store_true")
     p.add_argument("--max-templates", type=int, default=None)
     p.add_argument("--no-stop", action="store_true")
+    p.add_argument("--no-flow", action="store_true")
     p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                    help="any EngineSettings field, e.g. --set min_quality=0.2 (calibration sweeps)")
     p.add_argument("--json", default="", help="write rows and summary to this file")

@@ -229,3 +229,13 @@ def test_preview_window_comes_from_around_the_object(tmp_path):
     write_preview(str(tmp_path / "p.png"), ct, mask, axis=2, n=1)
     tile = imread(str(tmp_path / "p.png"))[..., 1]  # green channel: the grey image where no outline is drawn
     assert int(tile[32, 20]) - int(tile[20, 20]) > 150  # band vs tissue, just outside the outline
+
+
+def test_no_flow_and_set_reach_the_engine_settings(model):
+    """`--no-flow` turns the optical flow off; `--set` overrides any setting; the checkpoint's own values stay."""
+    from OnePromptSegLib.cli import make_parser, settings_from_args
+
+    for extra, flow in (([], 0.5), (["--no-flow"], 0.0), (["--set", "flow_weight=0.3"], 0.3)):
+        for base in (["propagate", "x.nii.gz", "-o", "y.nii.gz"], ["bench", "data"]):
+            s = settings_from_args(model, make_parser().parse_args(base + extra))
+            assert s.flow_weight == flow and s.threshold == 0.8  # onepromptseg-v6's calibrated threshold
