@@ -610,9 +610,9 @@ class OnePromptSegLogic(ScriptedLoadableModuleLogic):
         message=None)`` is called with a status message or a SliceResult; returning False cancels, keeping what was
         done.  ``writer(array, volumeNode, segmentationNode, segmentId)``
         replaces the default write (the Segment Editor effect passes its own).  ``followAnatomy=False`` turns off
-        the engine's optical flow between neighbouring slices (``flow_weight``): faster, less accurate.
+        the engine's optical flow between neighbouring slices (``NO_FLOW``): faster, less accurate.
         """
-        from OnePromptSegLib.engine import EngineSettings, PropagationSession
+        from OnePromptSegLib.engine import NO_FLOW, EngineSettings, PropagationSession
         image, ijkToWorld, spacing = self.volumeArray(volumeNode)
         self.segmentArray(segmentationNode, segmentId, volumeNode)  # fail early without a target segment
         axis = self.sliceAxis(sliceView, ijkToWorld) if axis is None else int(axis)
@@ -622,7 +622,7 @@ class OnePromptSegLogic(ScriptedLoadableModuleLogic):
                 progressCallback(message=_("Loading the model..."))
             model = self.loadModel(modelName, device)
             settings = EngineSettings.for_model(model, reprompt=bool(reprompt),
-                                                **({} if followAnatomy else {"flow_weight": 0.0}))
+                                                **({} if followAnatomy else NO_FLOW))
             if ssimThreshold is not None:
                 settings.ssim_threshold = float(ssimThreshold)
             session = PropagationSession(model, settings)

@@ -22,7 +22,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from .checkpoints import CheckpointError, DeviceFallbackWarning, list_models, load_model
-from .engine import EngineSettings, PropagationSession
+from .engine import NO_FLOW, EngineSettings, PropagationSession
 from .io import Volume, VolumeIOError, read_label_volume, read_volume, write_mask
 from .prompts import BBox, Click, Doodle, MaskPrompt, PromptError, ijk_axis, masks_from_label_volume, numpy_axis
 
@@ -208,8 +208,8 @@ def settings_from_args(model, args: argparse.Namespace) -> EngineSettings:
         settings.max_templates = args.max_templates
     if args.no_stop:
         settings.stop_after_empty = 10 ** 9
-    if args.no_flow:
-        settings.flow_weight = 0.0
+    for name, value in (NO_FLOW.items() if args.no_flow else ()):
+        setattr(settings, name, value)
     for name, value in EngineSettings.parse(args.set).items():
         setattr(settings, name, value)
     return settings

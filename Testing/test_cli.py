@@ -232,10 +232,13 @@ def test_preview_window_comes_from_around_the_object(tmp_path):
 
 
 def test_no_flow_and_set_reach_the_engine_settings(model):
-    """`--no-flow` turns the optical flow off; `--set` overrides any setting; the checkpoint's own values stay."""
+    """`--no-flow` turns every use of the optical flow off; `--set` overrides any setting; the checkpoint's own
+    values stay."""
     from OnePromptSegLib.cli import make_parser, settings_from_args
 
-    for extra, flow in (([], 0.5), (["--no-flow"], 0.0), (["--set", "flow_weight=0.3"], 0.3)):
+    for extra, flow, interp in (([], 0.5, True), (["--no-flow"], 0.0, False), (["--set", "flow_weight=0.3"], 0.3, True),
+                                (["--set", "interp_flow=no"], 0.5, False)):
         for base in (["propagate", "x.nii.gz", "-o", "y.nii.gz"], ["bench", "data"]):
             s = settings_from_args(model, make_parser().parse_args(base + extra))
-            assert s.flow_weight == flow and s.threshold == 0.8  # onepromptseg-v6's calibrated threshold
+            assert (s.flow_weight, s.interp_flow) == (flow, interp)
+            assert s.threshold == 0.8  # onepromptseg-v6's calibrated threshold

@@ -6,7 +6,7 @@ import pytest
 from conftest import bright_object_volume
 
 from OnePromptSegLib.bench import dice
-from OnePromptSegLib.engine import EngineSettings, PropagationSession, SeedWarning, merge_into
+from OnePromptSegLib.engine import NO_FLOW, EngineSettings, PropagationSession, SeedWarning, merge_into
 from OnePromptSegLib.prompts import BBox, Click, Doodle, MaskPrompt, PromptError
 
 
@@ -350,7 +350,7 @@ def test_short_gaps_blend_in_the_interpolated_shape():
     areas = {}
     for gap in (8, 4):  # drawn slices 10 and 18, interpolation allowed for gaps up to ``gap``
         areas[gap] = _disc_gap(_UnsureModel(), EngineSettings(interp_gap=gap, interp_ramp=1, threshold=0.5,
-                                                              reprompt=False, flow_weight=0.0))
+                                                              reprompt=False, **NO_FLOW))
     r_mid = np.sqrt(areas[8][3] / np.pi)  # slice 14, halfway: radius ~ (6 + 14) / 2
     assert abs(r_mid - 10) <= 0.7
     assert np.all(np.diff(areas[8]) > 0)  # grows steadily from the small disc to the large one
@@ -369,10 +369,9 @@ class _SureModel:
 def test_interpolation_weight_ramps_up_as_drawn_slices_get_closer():
     # (The flow is off, as above.)  Weight 0.5 lets the over-eager model fill its crop (1 - w) * 0.7 > 0.5 * w;
     # the ramp gives a gap of three slices weight 1 - 0.5 * 1/6 = 0.92, and the interpolated shape wins.
-    flat = _disc_gap(_SureModel(), EngineSettings(interp_ramp=1, threshold=0.3, reprompt=False, flow_weight=0.0),
-                     10, 13)
+    flat = _disc_gap(_SureModel(), EngineSettings(interp_ramp=1, threshold=0.3, reprompt=False, **NO_FLOW), 10, 13)
     ramp = _disc_gap(_SureModel(), EngineSettings(interp_weight=0.5, interp_ramp=8, threshold=0.3, reprompt=False,
-                                         flow_weight=0.0), 10, 13)
+                                                  **NO_FLOW), 10, 13)
     r = np.sqrt(ramp / np.pi)  # radii 6 + 8/3 and 6 + 16/3
     assert np.all(np.abs(r - (6 + 8 / 3 * np.array([1, 2]))) <= 0.7)
     assert np.all(flat > 1.5 * ramp)

@@ -399,13 +399,13 @@ def test_follow_anatomy_switches_the_engines_optical_flow(module, logic, scene, 
     plain = engine.PropagationSession.__init__
 
     def init(self, model, settings=None):
-        used.append(settings.flow_weight)
+        used.append((settings.flow_weight, settings.interp_flow))
         plain(self, model, settings)
     monkeypatch.setattr(engine.PropagationSession, "__init__", init)
     assert module.OnePromptSegParameterNode.followAnatomy is True
     logic.segment(volume, seg, "lesion", module.PROMPT_MASK)
     logic.segment(volume, seg, "lesion", module.PROMPT_MASK, followAnatomy=False)
-    assert used == [engine.EngineSettings.flow_weight, 0.0] and used[0] > 0
+    assert used == [(engine.EngineSettings.flow_weight, True), (0.0, False)] and used[0][0] > 0
 
 
 def test_dependencies_present_means_no_install(module, logic):
