@@ -316,7 +316,8 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-templates", type=int, default=None, help="templates per step (K)")
     p.add_argument("--no-stop", action="store_true", help="do not stop where the object ends (ablation)")
     p.add_argument("--no-flow", action="store_true",
-                   help="no optical flow between neighbouring slices: about a quarter faster, less accurate")
+                   help="no optical flow between neighbouring slices (in the walks and between drawn slices): "
+                        "about a quarter faster, less accurate")
     p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                    help="any engine setting, e.g. --set adapt_steps=20 (test-time adaptation, off by default)")
     p.add_argument("--preview", help="write a PNG montage of the result")
