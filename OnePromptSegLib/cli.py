@@ -208,9 +208,9 @@ def settings_from_args(model, args: argparse.Namespace) -> EngineSettings:
         settings.max_templates = args.max_templates
     if args.no_stop:
         settings.stop_after_empty = 10 ** 9
-    for name, value in (NO_FLOW.items() if args.no_flow else ()):
-        setattr(settings, name, value)
-    for name, value in EngineSettings.parse(args.set).items():
+    overrides = dict(NO_FLOW) if args.no_flow else {}
+    overrides.update(EngineSettings.parse(args.set))  # --set last: it may turn one use back on
+    for name, value in overrides.items():
         setattr(settings, name, value)
     return settings
 
