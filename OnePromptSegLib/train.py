@@ -14,6 +14,7 @@ query slice 0..12 slices away (0 = interactive mode, template == query), cropped
 around the template's object, square in mm.  Some pairs get extra templates (growing context), some a deformed,
 re-contrasted query (template from "another patient"), some an empty target so the model learns to stop, and
 with ``--correction`` some a drawn slice beyond the query (the interactive pass: the query between two drawn slices).
+With ``--cross`` some real pairs are between two patients of the same dataset (``sample_cross_pair``).
 """
 from __future__ import annotations
 
@@ -344,6 +345,49 @@ def sample_pair(rng: np.random.Generator, tv: TaskVolume, size: int, max_extra: 
     return q, np.stack(templates), np.stack(prompts), np.array(kinds), tgt
 
 
+def cross_partners(volumes: List[TaskVolume]) -> Dict[int, List[int]]:
+    """For each volume, the other volumes of its dataset (same folder), along the same axis, that share one of its
+    single labels: where a template from another patient exists (``sample_cross_pair``)."""
+    def key(tv: TaskVolume) -> Tuple[str, str]:
+        case, _, axis = tv.name.rpartition(":")
+        return os.path.dirname(case), axis
+
+    singles = [{ls[0] for ls in tv.label_sets if len(ls) == 1} for tv in volumes]
+    return {i: [j for j, tw in enumerate(volumes) if j != i and key(tw) == key(tv) and singles[i] & singles[j]]
+            for i, tv in enumerate(volumes)}
+
+
+def sample_cross_pair(rng: np.random.Generator, ta: TaskVolume, tb: TaskVolume, size: int):
+    """One-Prompt transfer as the engine runs it (``PropagationSession._seed_from_references``): a prompted slice
+    of one patient (``ta``) is the template, and the query is the slice of another patient of the same dataset
+    (``tb``) at the same relative position in the structure's extent, cropped where the engine crops it: the same
+    relative place in the slice and the same field of view in mm.  The deformed query of ``sample_pair`` only
+    imitates another patient; this is one.  Same return as ``sample_pair``."""
+    common = sorted({ls[0] for ls in ta.label_sets if len(ls) == 1} & {ls[0] for ls in tb.label_sets if len(ls) == 1})
+    lab = int(common[rng.integers(len(common))])
+    fa, fb = ta.labels == lab, tb.labels == lab
+    area_a = fa.sum(axis=(1, 2)).astype(np.float64)
+    za = np.flatnonzero(area_a > 0)
+    z = int(rng.choice(za, p=np.sqrt(area_a[za]) / np.sqrt(area_a[za]).sum()))
+    zb = np.flatnonzero(fb.any(axis=(1, 2)))
+    rel = (z - za.min()) / max(za.max() - za.min(), 1)
+    qz = int(np.clip(round(zb.min() + rel * (zb.max() - zb.min())) + rng.integers(-1, 2), 0, tb.image.shape[0] - 1))
+    kind = "mask" if rng.random() < 0.7 else ["click", "box", "doodle"][rng.integers(3)]
+    shape_a, shape_b = ta.image.shape[1:], tb.image.shape[1:]
+    box = crop_around(fa[z], shape_a, ta.spacing, margin=rng.uniform(0.8, 1.6))  # the engine: 2 x its margin
+    jr, jc = rng.uniform(-0.05, 0.05, 2)
+    hmm = box.h * ta.spacing[0]
+    qbox = CropBox((box.r0 / shape_a[0] + jr) * shape_b[0], (box.c0 / shape_a[1] + jc) * shape_b[1],
+                   hmm / tb.spacing[0], hmm / tb.spacing[1])
+
+    def img_crop(tv: TaskVolume, k: int, b: CropBox) -> np.ndarray:
+        return np.clip(extract(tv.image[k], b, size) / 255.0, 0, 1) ** rng.uniform(0.7, 1.4)
+
+    prompt = render_prompt_maps(simulate_prompt(rng, fa[z], kind, z), box, size)
+    tgt = (extract(fb[qz].astype(np.float32), qbox, size) > 0.5).astype(np.float32)
+    return (img_crop(tb, qz, qbox), img_crop(ta, z, box)[None], prompt[None], np.array([KIND_INDEX[kind]]), tgt)
+
+
 def _augment(rng: np.random.Generator, arrs: List[np.ndarray]) -> List[np.ndarray]:
     """The same flip/transpose on every array (last two axes)."""
     k = int(rng.integers(4))
@@ -358,12 +402,20 @@ def _augment(rng: np.random.Generator, arrs: List[np.ndarray]) -> List[np.ndarra
 
 
 def make_batch(rng: np.random.Generator, sources: List[TaskVolume], batch: int, size: int, predict=None,
-               rollout: float = 0.0, correction: float = 0.0, near: float = 0.0):
+               rollout: float = 0.0, correction: float = 0.0, near: float = 0.0, cross: float = 0.0,
+               partners: Optional[Dict[int, List[int]]] = None):
+    """A batch of pairs from ``sources``; with ``partners`` (``cross_partners(sources)``) a fraction ``cross`` of
+    them are pairs between two patients (``sample_cross_pair``) where the volume drawn has a partner."""
     qs, ts, ps, ks, ys = [], [], [], [], []
     for _ in range(batch):
-        tv = sources[rng.integers(len(sources))]
-        q, t, p, k, y = sample_pair(rng, tv, size, predict=predict, rollout=rollout, correction=correction,
-                                    near=near)
+        i = int(rng.integers(len(sources)))
+        tv = sources[i]
+        if cross > 0 and partners and partners.get(i) and rng.random() < cross:
+            tw = sources[partners[i][int(rng.integers(len(partners[i])))]]
+            q, t, p, k, y = sample_cross_pair(rng, tv, tw, size)
+        else:
+            q, t, p, k, y = sample_pair(rng, tv, size, predict=predict, rollout=rollout, correction=correction,
+                                        near=near)
         q, t, p, y = _augment(rng, [q, t, p, y])
         qs.append(q); ts.append(t); ps.append(p); ks.append(k); ys.append(y)
     K = max(len(k) for k in ks)
@@ -418,6 +470,8 @@ def batches(rng: np.random.Generator, args: argparse.Namespace, real: List[TaskV
     superpix = [v for v in (superpixel_volume(rng, real[int(rng.integers(len(real)))])
                             for _ in range(args.superpixel_pool if real and args.superpixel_frac > 0 else 0))
                 if v.label_sets]
+    cross = getattr(args, "cross", 0.0)
+    partners = cross_partners(real) if real and cross > 0 else None
     n = 0
     while True:
         if n % 25 == 0:  # refresh part of the synthetic pool: unlimited tasks
@@ -432,7 +486,7 @@ def batches(rng: np.random.Generator, args: argparse.Namespace, real: List[TaskV
         if use_real and superpix and rng.random() < args.superpixel_frac:
             pool = superpix
         yield make_batch(rng, pool, args.batch, args.size, predict, args.rollout, args.correction,
-                         args.near)
+                         args.near, cross, partners if pool is real else None)
 
 
 def train(args: argparse.Namespace) -> None:
@@ -665,6 +719,9 @@ def main(argv: Optional[List[str]] = None) -> None:
                     help="share of pairs that also get a drawn slice beyond the query (the interactive second pass)")
     ap.add_argument("--near", type=float, default=0.0,
                     help="extra share of mask-prompted pairs one slice apart, query not deformed (propagation's step)")
+    ap.add_argument("--cross", type=float, default=0.0,
+                    help="share of the real pairs whose template comes from another patient of the same dataset "
+                         "(One-Prompt transfer, as the engine crops it)")
     ap.add_argument("--init", default="", help="start from these weights (fine-tuning): a run's last.pt, or a "
                     "shipped checkpoint by manifest name or path")
     ap.add_argument("--save-every", type=float, default=120, help="seconds between resumable checkpoints")

@@ -77,7 +77,8 @@ def test_correction_pass_adds_a_drawn_slice_beyond_the_query(data_dir):
 def test_training_resumes_and_exports(data_dir, tmp_path):
     out = str(tmp_path / "run")
     common = ["--out", out, "--data", data_dir, "--batch", "2", "--threads", "1", "--synth-pool", "2",
-              "--superpixel-frac", "0.5", "--superpixel-pool", "2", "--correction", "0.2", "--save-every", "1000"]
+              "--superpixel-frac", "0.5", "--superpixel-pool", "2", "--correction", "0.2", "--save-every", "1000",
+              "--cross", "0.3"]
     train.main(common + ["--steps", "3"])
     train.main(common + ["--steps", "5", "--workers", "1"])  # resumes at step 3, batches from a worker process
     events = [json.loads(l) for l in open(os.path.join(out, "log.jsonl"))]
@@ -187,3 +188,23 @@ def test_near_pairs_are_one_slice_apart_and_only_for_mask_prompts(data_dir):
     real = train.load_real_volumes(data_dir)
     q, T, P, Kd, V, y = train.make_batch(np.random.default_rng(5), real, 16, 96, near=1.0)  # the batch path uses it
     assert q.shape == (16, 1, 96, 96) and V[:, 0].all()
+
+
+def test_cross_pairs_take_the_template_from_another_patient(data_dir):
+    """``--cross``: One-Prompt transfer pairs.  The two cases lie in one folder (one dataset), so each volume's
+    partner is the other case along the same axis; the template is prompted on one, the target is the other's."""
+    real = train.load_real_volumes(data_dir)
+    partners = train.cross_partners(real)
+    case = lambda tv: tv.name.rpartition(":")  # noqa: E731  (case, ":", axis)
+    for i, js in partners.items():
+        assert js and all(case(real[j])[0] != case(real[i])[0] and case(real[j])[2] == case(real[i])[2] for j in js)
+    rng = np.random.default_rng(6)
+    a, b = real[0], real[partners[0][0]]
+    found = 0
+    for _ in range(30):
+        q, t, p, k, y = train.sample_cross_pair(rng, a, b, 96)
+        assert q.shape == y.shape == (96, 96) and t.shape == (1, 96, 96) and p.shape[:2] == (1, 4) and p[0].any()
+        found += bool(y.any())
+    assert found >= 20  # the same relative place in the other patient mostly holds the structure
+    q, T, P, Kd, V, y = train.make_batch(rng, real, 32, 96, cross=1.0, partners=partners)
+    assert q.shape == (32, 1, 96, 96) and T.shape[1] == 1  # never the extra templates of ordinary pairs
