@@ -357,7 +357,8 @@ def cross_partners(volumes: List[TaskVolume]) -> Dict[int, List[int]]:
             for i, tv in enumerate(volumes)}
 
 
-def sample_cross_pair(rng: np.random.Generator, ta: TaskVolume, tb: TaskVolume, size: int):
+def sample_cross_pair(rng: np.random.Generator, ta: TaskVolume, tb: TaskVolume, size: int
+                      ) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """One-Prompt transfer as the engine runs it (``PropagationSession._seed_from_references``): a prompted slice
     of one patient (``ta``) is the template, and the query is the slice of another patient of the same dataset
     (``tb``) at the same relative position in the structure's extent, cropped where the engine crops it: the same
