@@ -25,6 +25,11 @@ def _warp(img: np.ndarray, flow: np.ndarray, rr: np.ndarray, cc: np.ndarray) -> 
     return ndi.map_coordinates(img, [rr + flow[0], cc + flow[1]], order=1, mode="nearest")
 
 
+def _grid(shape: Tuple[int, int]) -> Tuple[np.ndarray, np.ndarray]:
+    """Row and column coordinates of every pixel (``_warp``'s base grid)."""
+    return np.meshgrid(np.arange(shape[0], dtype=np.float32), np.arange(shape[1], dtype=np.float32), indexing="ij")
+
+
 def pool(img: np.ndarray) -> np.ndarray:
     """``img`` at half the size, by 2 x 2 means (an odd last row or column is dropped)."""
     h, w = img.shape[0] // 2 * 2, img.shape[1] // 2 * 2
@@ -36,8 +41,7 @@ def _solve(ref: np.ndarray, mov: np.ndarray, flow: np.ndarray, attachment: float
     """TV-L1 at one pyramid level, from ``flow`` (2, H, W); scikit-image's ``_tvl1`` (2D), vectorised."""
     dt = 0.25  # time step: 0.5 / ndim
     f0, f1 = attachment * tightness, dt / tightness
-    rr, cc = np.meshgrid(np.arange(ref.shape[0], dtype=np.float32), np.arange(ref.shape[1], dtype=np.float32),
-                         indexing="ij")
+    rr, cc = _grid(ref.shape)
     proj = np.zeros((2, 2) + ref.shape, np.float32)  # dual variables: [flow component, axis]
     g = np.zeros((2, 2) + ref.shape, np.float32)  # forward differences, zero at the last row / column
     flow = flow.astype(np.float32, copy=True)
@@ -52,7 +56,7 @@ def _solve(ref: np.ndarray, mov: np.ndarray, flow: np.ndarray, attachment: float
             small = np.abs(rho) <= f0 * ni
             step = np.where(small, rho / ni, f0 * np.sign(rho))
             aux = flow - step * grad
-            flow = aux.copy()
+            flow = aux  # never changed in place: each update below makes a new array
             for _ in range(2):  # scikit-image's reg_num_iter
                 g[:, 0, :-1] = np.diff(flow, axis=1)
                 g[:, 1, :, :-1] = np.diff(flow, axis=2)
@@ -91,6 +95,5 @@ def resize_flow(flow: Tuple[np.ndarray, np.ndarray], shape: Tuple[int, int]) -> 
 
 def warp_mask(mask: np.ndarray, flow: Tuple[np.ndarray, np.ndarray]) -> np.ndarray:
     """A (soft) mask carried along ``flow``: ``mask`` sampled at (row + v, col + u), bilinear, edges repeated."""
-    rr, cc = np.meshgrid(np.arange(mask.shape[0], dtype=np.float32), np.arange(mask.shape[1], dtype=np.float32),
-                         indexing="ij")
+    rr, cc = _grid(mask.shape)
     return _warp(np.asarray(mask, np.float32), np.stack(flow), rr, cc)

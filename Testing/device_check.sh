@@ -60,9 +60,10 @@ if [ "$MINUTES" != "0" ] && [ -f pack/train.npz ]; then
   # The CPU runs' task mix (v6's recipe) at batch 64, lr scaled up from the CPU fine-tunes' 2-3e-4; --near as
   # in runs/v7 (a better single step and transfer on the CPU, the walk unchanged: BENCHMARKS.md, 2026-11-30).
   # --cross: real pairs between two patients of a dataset (One-Prompt transfer, 0.14 on train/ and 0.28 on eval
-  # with v6; new 2026-11-30, never trained with yet).
+  # with v6; new 2026-11-30, so far only a 27-minute CPU trial, not shipped: BENCHMARKS.md).
   # No --rollout: it needs --workers 0.  The cosine runs to STEPS over however many calls it takes.
   $PY -m OnePromptSegLib.train --data pack/train.npz --device "$DEVICE" --workers "${WORKERS:-12}" --batch 64 \
     --steps "${STEPS:-6000}" --lr "${LR:-6e-4}" --seed 21 --real-frac 0.6 --superpixel-frac 0.15 --correction 0.1 \
-    --near "${NEAR:-0.35}" --cross "${CROSS:-0.1}" --minutes "$MINUTES" --out "$OUT/run" --snapshot-every 500 "${INIT[@]}" 2>&1 | tail -20
+    --near "${NEAR:-0.35}" --cross "${CROSS:-0.1}" --minutes "$MINUTES" --out "$OUT/run" --snapshot-every 500 \
+    "${INIT[@]}" 2>&1 | tail -20
 fi
