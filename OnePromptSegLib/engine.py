@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import itertools
 import warnings
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Set, Tuple
 
@@ -324,6 +325,7 @@ class PropagationSession:
         self._adapted = None  # adapted to another volume's slices
         self.result = np.zeros(volume.shape, np.uint8)
         self._norm_cache: Dict[Tuple[int, CropBox, Optional[float]], np.ndarray] = {}
+        self._flow_cache: "OrderedDict[Tuple[int, int, CropBox], Tuple[np.ndarray, np.ndarray]]" = OrderedDict()
 
     def _slice(self, s: int) -> np.ndarray:
         return np.take(self.volume, s, axis=self.naxis)
@@ -470,10 +472,23 @@ class PropagationSession:
         TV-L1 at half the model's input size (levels of 48 and 24 pixels, 3 warps x 5 iterations), about 5 ms; on
         30 train/ tasks within 0.003 Dice of scikit-image's defaults at full size, which take 20x longer (one level
         only was as good there, but missed motions of a few pixels).
+
+        A flow depends on the two images and the crop only, not on the drawn slices, so it is kept (at half size,
+        18 kB, the last ``4 x slices`` of them) for the next propagation: after a correction the walks set off
+        again from the same drawn slices in the same crops, and on 30 train/ tasks 36% of the flows of the
+        drawn-slice protocol were such repeats (BENCHMARKS.md).
         """
+        key = (s, src, box)
+        half = self._flow_cache.get(key)
+        if half is None:
+            half = tvl1(pool(self._crop(s, box)), pool(self._crop(src, box)), num_warp=3, num_iter=5)
+            self._flow_cache[key] = half
+            if len(self._flow_cache) > 4 * self.n:
+                self._flow_cache.popitem(last=False)
+        else:
+            self._flow_cache.move_to_end(key)
         size = self.model.size
-        return resize_flow(tvl1(pool(self._crop(s, box)), pool(self._crop(src, box)), num_warp=3, num_iter=5),
-                           (size, size))
+        return resize_flow(half, (size, size))
 
     def _with_flow(self, prob: np.ndarray, src: int, s: int, box: CropBox, mask: np.ndarray,
                    soft: Optional[np.ndarray] = None) -> np.ndarray:
