@@ -468,7 +468,8 @@ class OnePromptSegLogic(ScriptedLoadableModuleLogic):
         if parent is not None:
             if not parent.IsTransformToWorldLinear():
                 raise ValueError(_("The volume '{name}' is under a non-linear transform: harden the transform "
-                                   "(Data module, right-click > Harden transform) first.").format(name=volumeNode.GetName()))
+                                   "(Data module, right-click > Harden transform) first.").format(
+                                       name=volumeNode.GetName()))
             t = vtk.vtkMatrix4x4()
             parent.GetMatrixTransformToWorld(t)
             ijkToRas = slicer.util.arrayFromVTKMatrix(t) @ ijkToRas
@@ -566,7 +567,8 @@ class OnePromptSegLogic(ScriptedLoadableModuleLogic):
             center, size = [0.0, 0.0, 0.0], [0.0, 0.0, 0.0]
             roiNode.GetCenterWorld(center)
             roiNode.GetSizeWorld(size)
-            corners = geometry.roi_corners(center, size, slicer.util.arrayFromVTKMatrix(roiNode.GetObjectToWorldMatrix()))
+            roiToWorld = slicer.util.arrayFromVTKMatrix(roiNode.GetObjectToWorldMatrix())
+            corners = geometry.roi_corners(center, size, roiToWorld)
             s = geometry.slice_index_for_ras(center, ijkToWorld, axis)
             c0, c1 = geometry.ijk_box_from_ras_corners(corners, ijkToWorld, axis, s, image.shape)
             return [prompts.BBox.from_ijk(c0, c1, axis)], set()
@@ -834,7 +836,8 @@ class OnePromptSegTest(ScriptedLoadableModuleTest):
         result = self._result(volumeNode, segNode, segId)
         self.assertEqual(summary["axis"], 2)
         self.assertTrue(np.array_equal(result[k], truth[k]), "the drawn slice must not change")
-        self.assertTrue(np.array_equal(self._result(volumeNode, segNode, otherId), otherBefore), "other segment touched")
+        self.assertTrue(np.array_equal(self._result(volumeNode, segNode, otherId), otherBefore),
+                        "other segment touched")
         dice = self._dice(result, truth)
         logging.info(f"mask prompt Dice {dice:.3f}")
         self.assertGreater(dice, self.MIN_DICE["mask"])
@@ -898,8 +901,9 @@ class OnePromptSegTest(ScriptedLoadableModuleTest):
         volumeNode, segNode, segId, _otherId, truth = self._syntheticScene()
         k = int(np.argmax(truth.sum(axis=(1, 2))))
         self._drawSlice(truth, k, volumeNode, segNode, segId)
-        summary = self.logic.segment(volumeNode, segNode, segId, PROMPT_MASK,
-                                     progressCallback=lambda result=None, message=None: result is None or result.done < 3)
+        summary = self.logic.segment(
+            volumeNode, segNode, segId, PROMPT_MASK,
+            progressCallback=lambda result=None, message=None: result is None or result.done < 3)
         self.assertTrue(summary["cancelled"])
         self.assertEqual(summary["computed"], 3)
         result = self._result(volumeNode, segNode, segId)

@@ -306,7 +306,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
                       reached90=sum(1 for r in main_rows if r["noi90"]),
                       mean_noi90_capped=round(float(np.mean([r["noi90"] or args.max_anchors for r in main_rows])), 2)
                       if main_rows else None,
-                      drawn_empty=round(float(np.mean([r["drawn_empty"] for r in main_rows])), 2) if main_rows else None,
+                      drawn_empty=(round(float(np.mean([r["drawn_empty"] for r in main_rows])), 2)
+                                   if main_rows else None),
                       ms_per_slice=round(1000 * float(np.mean(step_times)), 1) if step_times else None,
                       seconds=round(time.time() - t_all, 1))
     for kind in kinds:

@@ -249,7 +249,8 @@ def cmd_propagate(args: argparse.Namespace) -> int:
     if args.preview:
         write_preview(args.preview, vol.array, mask, axis)
     if not args.quiet:
-        print(f"wrote {args.output}: {int(mask.sum())} voxels on {int((mask.any(axis=tuple(d for d in range(3) if d != numpy_axis(axis)))).sum())} slices",
+        in_plane = tuple(d for d in range(3) if d != numpy_axis(axis))
+        print(f"wrote {args.output}: {int(mask.sum())} voxels on {int(mask.any(axis=in_plane).sum())} slices",
               file=sys.stderr)
     return 0
 
@@ -298,7 +299,8 @@ def make_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("propagate", help="propagate prompts through a volume")
     p.add_argument("image", help="volume: NIfTI, NRRD, MHA, ... or a DICOM series folder")
     p.add_argument("-o", "--output", required=True, help="output mask: .nii.gz, .nii, .nrrd, .mha or .seg.nrrd")
-    p.add_argument("--prompt-mask", help="label volume on the image's grid: every slice with the label is a drawn slice")
+    p.add_argument("--prompt-mask",
+                   help="label volume on the image's grid: every slice with the label is a drawn slice")
     p.add_argument("--label", type=int, help="label value in --prompt-mask (default: any non-zero)")
     p.add_argument("--slices", metavar="S1,S2,...",
                    help="the drawn slices of --prompt-mask (indices along --axis); a listed slice without foreground "

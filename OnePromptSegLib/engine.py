@@ -841,7 +841,8 @@ class PropagationSession:
                 drawn_maps[k, box] = render_prompt_maps(MaskPrompt(k, masks[k]), box, self.model.size)
         pms = [drawn_maps[k, box] for k in templates]
         keys = [(self._uid, k, box) for k in [s] + templates]
-        return _Request(self._crop(s, box), imgs, pms, [KIND_INDEX["mask"]] * len(templates), keys), src, reprompted, box
+        request = _Request(self._crop(s, box), imgs, pms, [KIND_INDEX["mask"]] * len(templates), keys)
+        return request, src, reprompted, box
 
     def _seed_from_references(self, lo: int, hi: int) -> None:
         """One-Prompt mode without an anchor: find the slice the references match best and make it the seed."""

@@ -21,7 +21,8 @@ def default_manifest_path() -> str:
     env = os.environ.get("ONEPROMPTSEG_MANIFEST")
     if env:
         return env
-    for cand in (os.path.join(_PKG_DIR, "..", "weights_manifest.json"), os.path.join(_PKG_DIR, "weights_manifest.json")):
+    for cand in (os.path.join(_PKG_DIR, "..", "weights_manifest.json"),
+                 os.path.join(_PKG_DIR, "weights_manifest.json")):
         if os.path.exists(cand):
             return os.path.abspath(cand)
     return os.path.abspath(os.path.join(_PKG_DIR, "..", "weights_manifest.json"))

@@ -76,7 +76,8 @@ def random_volume(rng: np.random.Generator, shape: Tuple[int, int, int] = (48, 1
             ry, rx = rng.uniform(5, H / 4), rng.uniform(5, W / 4)
             c = (rng.uniform(0.2, 0.8) * D, rng.uniform(0.25, 0.75) * H, rng.uniform(0.25, 0.75) * W)
             m = blob_mask(shape, c, (rz, ry, rx), wobble=rng.uniform(0, 0.3),
-                          drift=tuple(rng.uniform(-0.6, 0.6, 2)), phase=rng.uniform(0, 6.3), lobes=int(rng.integers(2, 6)))
+                          drift=tuple(rng.uniform(-0.6, 0.6, 2)), phase=rng.uniform(0, 6.3),
+                          lobes=int(rng.integers(2, 6)))
         if m.sum() < 50:
             continue
         labels[m] = lab

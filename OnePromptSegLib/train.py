@@ -8,13 +8,14 @@ On a GPU machine (``--device auto`` picks CUDA, with bf16 autocast) give the bat
 ``--workers 12 --batch 64``, and ``--minutes 9`` per call: each call resumes from ``--out``'s last.pt.
 
 Tasks come from three sources mixed per batch: synthetic volumes (``synth.random_volume``, regenerated as training
-goes); when ``--data`` is given, real labelled volumes (every label, and unions of neighbouring labels, along
-every axis with enough slices); and with ``--superpixel-frac``, supervoxels of those real images (any structure).  A pair is a template slice with a simulated prompt of one of the four kinds and a
-query slice 0..12 slices away (0 = interactive mode, template == query), cropped exactly as the engine crops:
-around the template's object, square in mm.  Some pairs get extra templates (growing context), some a deformed,
-re-contrasted query (template from "another patient"), some an empty target so the model learns to stop, and
-with ``--correction`` some a drawn slice beyond the query (the interactive pass: the query between two drawn slices).
-With ``--cross`` some real pairs are between two patients of the same dataset (``sample_cross_pair``).
+goes); when ``--data`` is given, real labelled volumes (every label, and unions of neighbouring labels, along every
+axis with enough slices); and with ``--superpixel-frac``, supervoxels of those real images (any structure).  A pair
+is a template slice with a simulated prompt of one of the four kinds and a query slice 0..12 slices away (0 =
+interactive mode, template == query), cropped exactly as the engine crops: around the template's object, square in
+mm.  Some pairs get extra templates (growing context), some a deformed, re-contrasted query (template from "another
+patient"), some an empty target so the model learns to stop, and with ``--correction`` some a drawn slice beyond the
+query (the interactive pass: the query between two drawn slices). With ``--cross`` some real pairs are between two
+patients of the same dataset (``sample_cross_pair``).
 """
 from __future__ import annotations
 
@@ -58,7 +59,8 @@ def _orient(img: np.ndarray, lab: np.ndarray, spacing_kji: Tuple[float, float, f
     return np.moveaxis(img, axis, 0), np.moveaxis(lab, axis, 0), (sp[0], sp[1])
 
 
-def label_sets_for(lab: np.ndarray, min_slices: int = 3, min_vox: int = 60, max_labels: int = 24) -> List[Tuple[int, ...]]:
+def label_sets_for(lab: np.ndarray, min_slices: int = 3, min_vox: int = 60,
+                   max_labels: int = 24) -> List[Tuple[int, ...]]:
     """Single labels with enough extent along axis 0, plus a few unions of two labels that touch."""
     ids, counts = np.unique(lab[lab > 0], return_counts=True)
     order = [int(i) for i, c in sorted(zip(ids, counts), key=lambda t: -t[1]) if c >= min_vox]
@@ -609,8 +611,8 @@ def _averaged_weights(run: str, last: dict, k: int) -> Tuple[Dict[str, torch.Ten
             snaps[st["step"]] = st
     use = [snaps[n] for n in sorted(snaps)][-(k - 1):]
     if len(use) < k - 1:
-        raise SystemExit(f"--average {k}: {run} has {len(snaps)} snapshots before step {last['step']} (--snapshot-every "
-                         f"writes them), {k - 1} needed")
+        raise SystemExit(f"--average {k}: {run} has {len(snaps)} snapshots before step {last['step']} "
+                         f"(--snapshot-every writes them), {k - 1} needed")
     states = [st["model"] for st in use] + [last["model"]]
     mean = {name: (sum(s[name].float() for s in states) / len(states)).to(v.dtype) if v.is_floating_point() else v
             for name, v in last["model"].items()}
@@ -679,7 +681,8 @@ def export(args: argparse.Namespace) -> None:
     cmds = [f"from step {e['step']}: {command(e['args'])}" for e in starts]
     cmd = cmds[0].split(": ", 1)[1] if len(cmds) == 1 else " ; ".join(cmds)
     own = OnePromptNet(cfg).state_dict()
-    folder = os.path.join(os.path.dirname(os.path.abspath(args.manifest)), "Resources", "Models") if args.manifest else None
+    folder = (os.path.join(os.path.dirname(os.path.abspath(args.manifest)), "Resources", "Models")
+              if args.manifest else None)
     path = save_weights({k: v for k, v in weights.items() if k in own}, cfg, args.name, folder)
     training = dict(command=cmd, steps=st["step"], seconds=round(_training_seconds(events), 1),
                     machine=args.machine, seed=targs.get("seed"))
@@ -713,7 +716,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     ap.add_argument("--synth-pool", type=int, default=24)
     ap.add_argument("--superpixel-frac", type=float, default=0.0,
                     help="share of the real batches made of supervoxel tasks (SLIC) on the real images")
-    ap.add_argument("--superpixel-pool", type=int, default=12, help="supervoxel volumes kept (one refreshed per 50 steps)")
+    ap.add_argument("--superpixel-pool", type=int, default=12,
+                    help="supervoxel volumes kept (one refreshed per 50 steps)")
     ap.add_argument("--rollout", type=float, default=0.0,
                     help="share of mask-prompted pairs whose prompt is the model's own prediction (second pass)")
     ap.add_argument("--correction", type=float, default=0.0,

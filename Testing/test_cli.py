@@ -83,7 +83,8 @@ def test_several_anchor_slices_and_seg_nrrd(files, capsys, tmp_path):
 
 
 def test_slices_names_drawn_empty_slices(files, capsys, tmp_path):
-    """The reference protocol lists its drawn slices: one listed without foreground is drawn empty and ends the object."""
+    """The reference protocol lists its drawn slices: one listed without foreground is drawn empty and ends the
+    object."""
     t, k0 = files["truth"], files["k0"]
     zs = np.flatnonzero(t.any(axis=(1, 2)))
     cut = int(zs.max()) - 3

@@ -449,5 +449,6 @@ def test_adaptation_shows_progress_and_cancel_writes_nothing_new(module, logic, 
     assert [m for m in messages if m and m.startswith("Adapting")] == [
         "Adapting the model to the drawn slices (step 1 of 3)..."]
     assert np.array_equal(seg["lesion"], drawn)  # the user's drawing, untouched
-    summary = logic.segment(volume, seg, "lesion", module.PROMPT_MASK, progressCallback=lambda result=None, message=None: True)
+    summary = logic.segment(volume, seg, "lesion", module.PROMPT_MASK,
+                            progressCallback=lambda result=None, message=None: True)
     assert not summary["cancelled"] and summary["computed"] > 10

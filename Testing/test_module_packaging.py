@@ -32,7 +32,8 @@ TOP_CMAKE = os.path.join(ROOT, "CMakeLists.txt")
 INDEX_JSON = os.path.join(ROOT, "OnePromptSeg.json")
 MANIFEST = os.path.join(ROOT, "weights_manifest.json")
 RAW_PREFIX = "https://raw.githubusercontent.com/onepromptseg/SlicerOnePromptSeg/main/"
-# Properties of https://raw.githubusercontent.com/Slicer/Slicer/main/Schemas/slicer-extension-catalog-entry-schema-v1.0.1.json
+# Properties of Slicer's extension catalog entry schema (Slicer/Slicer, main branch):
+# https://raw.githubusercontent.com/Slicer/Slicer/main/Schemas/slicer-extension-catalog-entry-schema-v1.0.1.json
 SCHEMA_PROPERTIES = {"$schema", "category", "scm_url", "scm_revision", "scm_type", "build_dependencies",
                      "build_subdirectory", "enabled", "tier"}
 SCHEMA_REQUIRED = {"$schema", "category", "scm_url"}

@@ -131,7 +131,8 @@ def test_export_averages_the_last_snapshots(data_dir, tmp_path):
     assert entry["training"]["averaged_steps"] == [2, 3, 4] and entry["training"]["steps"] == 4
     states = [torch.load(os.path.join(out, f"snap_00000{n}.pt"), weights_only=True)["model"] for n in (2, 3, 4)]
     shipped = load_model("swa", "cpu", manifest_path=man).model.state_dict()
-    flat = lambda sd: torch.cat([sd[k].float().flatten() for k in sorted(sd) if sd[k].is_floating_point()])  # noqa: E731
+    def flat(sd):
+        return torch.cat([sd[k].float().flatten() for k in sorted(sd) if sd[k].is_floating_point()])
     got, mean, final = flat(shipped), sum(flat(st) for st in states) / 3, flat(states[2])
     assert float((mean - final).abs().max()) > 1e-4  # the averaged steps differ
     # the shipped (fp16) weights are the mean, not the final step's
