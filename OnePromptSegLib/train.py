@@ -29,7 +29,7 @@ import shlex
 import sys
 import time
 from dataclasses import dataclass
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Set, Tuple
 
 import numpy as np
 import torch
@@ -347,6 +347,11 @@ def sample_pair(rng: np.random.Generator, tv: TaskVolume, size: int, max_extra: 
     return q, np.stack(templates), np.stack(prompts), np.array(kinds), tgt
 
 
+def _single_labels(tv: TaskVolume) -> Set[int]:
+    """The labels of ``tv`` that are tasks on their own (not only in a union)."""
+    return {ls[0] for ls in tv.label_sets if len(ls) == 1}
+
+
 def cross_partners(volumes: List[TaskVolume]) -> Dict[int, List[int]]:
     """For each volume, the other volumes of its dataset (same folder), along the same axis, that share one of its
     single labels: where a template from another patient exists (``sample_cross_pair``)."""
@@ -354,7 +359,7 @@ def cross_partners(volumes: List[TaskVolume]) -> Dict[int, List[int]]:
         case, _, axis = tv.name.rpartition(":")
         return os.path.dirname(case), axis
 
-    singles = [{ls[0] for ls in tv.label_sets if len(ls) == 1} for tv in volumes]
+    singles = [_single_labels(tv) for tv in volumes]
     return {i: [j for j, tw in enumerate(volumes) if j != i and key(tw) == key(tv) and singles[i] & singles[j]]
             for i, tv in enumerate(volumes)}
 
@@ -366,7 +371,7 @@ def sample_cross_pair(rng: np.random.Generator, ta: TaskVolume, tb: TaskVolume, 
     (``tb``) at the same relative position in the structure's extent, cropped where the engine crops it: the same
     relative place in the slice and the same field of view in mm.  The deformed query of ``sample_pair`` only
     imitates another patient; this is one.  Same return as ``sample_pair``."""
-    common = sorted({ls[0] for ls in ta.label_sets if len(ls) == 1} & {ls[0] for ls in tb.label_sets if len(ls) == 1})
+    common = sorted(_single_labels(ta) & _single_labels(tb))
     lab = int(common[rng.integers(len(common))])
     fa, fb = ta.labels == lab, tb.labels == lab
     area_a = fa.sum(axis=(1, 2)).astype(np.float64)
