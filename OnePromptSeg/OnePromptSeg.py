@@ -614,7 +614,8 @@ class OnePromptSegLogic(ScriptedLoadableModuleLogic):
         replaces the default write (the Segment Editor effect passes its own).  ``followAnatomy=False`` turns off
         the engine's optical flow between neighbouring slices (``NO_FLOW``): faster, less accurate.
         """
-        from OnePromptSegLib.engine import NO_FLOW, EngineSettings, PropagationSession
+        from OnePromptSegLib.session import PropagationSession
+        from OnePromptSegLib.settings import NO_FLOW, EngineSettings
         image, ijkToWorld, spacing = self.volumeArray(volumeNode)
         self.segmentArray(segmentationNode, segmentId, volumeNode)  # fail early without a target segment
         axis = self.sliceAxis(sliceView, ijkToWorld) if axis is None else int(axis)
@@ -714,7 +715,7 @@ class OnePromptSegLogic(ScriptedLoadableModuleLogic):
         finally:
             generator.close()
         current = self.segmentArray(segmentationNode, segmentId, volumeNode)
-        from OnePromptSegLib.engine import merge_into
+        from OnePromptSegLib.session import merge_into
         merged = merge_into(current, run.session.result, run.axis, set(computed) | set(run.session.anchors), run.drawn)
         (writer or self.writeSegment)(merged, volumeNode, segmentationNode, segmentId)
         run.written = self.segmentArray(segmentationNode, segmentId, volumeNode)
@@ -796,7 +797,7 @@ class OnePromptSegTest(ScriptedLoadableModuleTest):
 
     # helpers
     def _syntheticScene(self, seed=7):
-        from OnePromptSegLib.synth import make_demo_volume
+        from OnePromptSegLib.sample import make_demo_volume
         image, truth, spacing = make_demo_volume(shape=(40, 112, 112), seed=seed)
         volumeNode = slicer.util.addVolumeFromArray(image, name=f"Synthetic{seed}")
         volumeNode.SetSpacing(spacing)

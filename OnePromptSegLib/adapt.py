@@ -35,7 +35,7 @@ def adapt_model(model: LoadedModel, slice_crop: Callable[[int, CropBox], np.ndar
 
     ``slice_crop(s, box)`` is slice ``s`` cropped to ``box`` at the model's size and normalised as in propagation.
     """
-    from .train import _deform, loss_fn, simulate_prompt  # training's own prompt corruption, deformation and loss
+    from .training_parts import deform_query, loss_fn, simulate_prompt
 
     full = sorted(s for s, m in anchors.items() if m.any())
     if steps <= 0 or not full:
@@ -64,7 +64,7 @@ def adapt_model(model: LoadedModel, slice_crop: Callable[[int, CropBox], np.ndar
                     y = (extract(anchors[b].astype(np.float32), box, S) > 0.5).astype(np.float32)
                 else:
                     y0 = (extract(anchors[a].astype(np.float32), box, S) > 0.5).astype(np.float32)
-                    q, y = _deform(rng, timg.copy(), y0)
+                    q, y = deform_query(rng, timg.copy(), y0)
                 qs.append(q)
                 ts.append(timg)
                 ps.append(render_prompt_maps(simulate_prompt(rng, anchors[a], "mask", a), box, S))

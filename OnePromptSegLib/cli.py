@@ -4,10 +4,9 @@
                  [--box A0,B0,A1,B1,S]... [--scribble SCRIBBLE_MASK] [--axis i|j|k] [--device auto|cpu|cuda]
                  [--model NAME_OR_PATH] [--ssim-threshold T] [--no-reprompt] [--preview PNG]
     onepromptseg demo [--out DIR]
-    onepromptseg bench DATA_DIR [--kinds mask,box,click,doodle] [--transfer]
-    onepromptseg speed [--shape 300,512,512]
     onepromptseg models
 
+The developers' benchmark and timing commands are ``onepromptseg-dev`` (``OnePromptSegLib.tooling``).
 Bad input exits with status 2 and one line on stderr, and leaves no output file behind.
 """
 from __future__ import annotations
@@ -22,9 +21,11 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from .checkpoints import CheckpointError, DeviceFallbackWarning, list_models, load_model
-from .engine import NO_FLOW, EngineSettings, PropagationSession
 from .io import Volume, VolumeIOError, read_label_volume, read_volume, write_mask
 from .prompts import BBox, Click, Doodle, MaskPrompt, PromptError, ijk_axis, masks_from_label_volume, numpy_axis
+from .sample import dice, make_demo_volume
+from .session import PropagationSession
+from .settings import NO_FLOW, EngineSettings
 
 
 class UsageError(ValueError):
@@ -256,9 +257,6 @@ def cmd_propagate(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .bench import dice
-    from .synth import make_demo_volume
-
     img, truth, spacing = make_demo_volume()
     vol = Volume(img, spacing, (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1), None)
     os.makedirs(args.out, exist_ok=True)
@@ -330,28 +328,30 @@ def make_parser() -> argparse.ArgumentParser:
     d.add_argument("--device", default="auto")
     d.add_argument("--model", default=None)
     d.set_defaults(func=cmd_demo)
-    b = sub.add_parser("bench", help="the project's benchmark on a folder of <case>_img/_lbl.nii.gz volumes")
-    from .bench import add_arguments, add_speed_arguments
-    add_arguments(b)
-    add_speed_arguments(sub.add_parser("speed", help="time per slice and peak memory on a generated volume"))
     m = sub.add_parser("models", help="list the checkpoints in weights_manifest.json")
     m.set_defaults(func=cmd_models)
     return ap
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    ap = make_parser()
+def run_command(ap: argparse.ArgumentParser, argv: Optional[Sequence[str]] = None) -> int:
+    """Parse ``argv`` with ``ap`` and run the chosen command: a user's error is one line on stderr and status 2,
+    Ctrl-C status 130 (shared with ``onepromptseg-dev``)."""
     args = ap.parse_args(argv)
     warnings.simplefilter("default", DeviceFallbackWarning)
-    warnings.formatwarning = lambda msg, cat, *a, **k: f"onepromptseg: warning: {msg}\n"
+    warnings.formatwarning = lambda msg, cat, *a, **k: f"{ap.prog}: warning: {msg}\n"
     try:
         return args.func(args)
     except (UsageError, PromptError, VolumeIOError, CheckpointError) as e:
-        print(f"onepromptseg: error: {e}", file=sys.stderr)
+        print(f"{ap.prog}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("\nonepromptseg: cancelled; no output written", file=sys.stderr)
+        print(f"\n{ap.prog}: cancelled; no output written", file=sys.stderr)
         return 130
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """The ``onepromptseg`` command."""
+    return run_command(make_parser(), argv)
 
 
 if __name__ == "__main__":

@@ -23,9 +23,11 @@ import json, sys, time
 
 import torch
 
-from OnePromptSegLib.bench import dice, speed_volume
+from OnePromptSegLib.sample import dice
+from OnePromptSegLib.tooling.bench import speed_volume
 from OnePromptSegLib.checkpoints import load_model
-from OnePromptSegLib.engine import EngineSettings, PropagationSession
+from OnePromptSegLib.session import PropagationSession
+from OnePromptSegLib.settings import EngineSettings
 from OnePromptSegLib.prompts import MaskPrompt
 
 D = 60
@@ -45,8 +47,8 @@ out["dice_cpu_vs_device"] = round(dice(masks["cpu"], masks[sys.argv[1]]), 4)
 print(json.dumps(out))
 sys.exit(0 if out["dice_cpu_vs_device"] >= 0.98 else 1)
 EOF
-$PY -m OnePromptSegLib.cli speed --device "$DEVICE" --shape "$SHAPE" --repeat 5 | tee "$OUT/speed.json"
-$PY -m OnePromptSegLib.cli speed --device "$DEVICE" --shape "$SHAPE" --repeat 5 --set flow_weight=0 \
+$PY -m OnePromptSegLib.tooling.cli speed --device "$DEVICE" --shape "$SHAPE" --repeat 5 | tee "$OUT/speed.json"
+$PY -m OnePromptSegLib.tooling.cli speed --device "$DEVICE" --shape "$SHAPE" --repeat 5 --set flow_weight=0 \
   | tee "$OUT/speed_noflow.json"
 
 MINUTES=${1:-0}
@@ -62,7 +64,7 @@ if [ "$MINUTES" != "0" ] && [ -f pack/train.npz ]; then
   # --cross: real pairs between two patients of a dataset (One-Prompt transfer, 0.14 on train/ and 0.28 on eval
   # with v6; new 2026-11-30, so far only a 27-minute CPU trial, not shipped: BENCHMARKS.md).
   # No --rollout: it needs --workers 0.  The cosine runs to STEPS over however many calls it takes.
-  $PY -m OnePromptSegLib.train --data pack/train.npz --device "$DEVICE" --workers "${WORKERS:-12}" --batch 64 \
+  $PY -m OnePromptSegLib.tooling.train --data pack/train.npz --device "$DEVICE" --workers "${WORKERS:-12}" --batch 64 \
     --steps "${STEPS:-6000}" --lr "${LR:-6e-4}" --seed 21 --real-frac 0.6 --superpixel-frac 0.15 --correction 0.1 \
     --near "${NEAR:-0.35}" --cross "${CROSS:-0.1}" --minutes "$MINUTES" --out "$OUT/run" --snapshot-every 500 \
     "${INIT[@]}" 2>&1 | tail -20

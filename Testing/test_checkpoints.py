@@ -129,14 +129,14 @@ def test_out_of_memory_moves_to_the_cpu_and_answers(model):
     """A CUDA OOM in the middle of a batch: a warning, the model on the CPU, and the same answer as without."""
     import numpy as np
 
-    from OnePromptSegLib.engine import _Request
+    from OnePromptSegLib.scheduler import WalkRequest
 
     S = model.size
     rng = np.random.default_rng(0)
     img = rng.random((S, S)).astype(np.float32)
     pm = np.zeros((4, S, S), np.float32)
     pm[3, 30:60, 30:60] = 1
-    req = _Request(img, [img], [pm], [3], [("oom", 0), ("oom", 1)])
+    req = WalkRequest(img, [img], [pm], [3], [("oom", 0), ("oom", 1)])
     want = model.predict(img, [img], [pm], [3])
     real_decode, calls = model.model.decode, []
 

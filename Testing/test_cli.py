@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from OnePromptSegLib.bench import dice
+from OnePromptSegLib.sample import dice
 from OnePromptSegLib.cli import main
 
 DIRECTION = (0.0, -1.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 1.0)  # rotated 90 degrees about the slice axis
@@ -40,8 +40,8 @@ def files(tmp_path_factory, demo):
                 spacing=spacing)
 
 
-def run(args, capsys):
-    code = main([str(a) for a in args])
+def run(args, capsys, command=main):
+    code = command([str(a) for a in args])
     out = capsys.readouterr()
     return code, out.out, out.err
 
@@ -185,7 +185,9 @@ def test_bench_and_speed_commands(tmp_path, capsys):
     """The benchmark on a generated two-case dataset reproduces the protocol's fields; speed reports memory."""
     import json
 
-    from OnePromptSegLib.synth import make_demo_volume
+    from OnePromptSegLib.tooling.cli import main as dev_main
+
+    from OnePromptSegLib.sample import make_demo_volume
 
     ds = tmp_path / "data" / "synthetic"
     ds.mkdir(parents=True)
@@ -195,7 +197,7 @@ def test_bench_and_speed_commands(tmp_path, capsys):
         _write(truth.astype(np.uint8), ds / f"case{seed}_lbl.nii.gz", sp)
     out = tmp_path / "bench.json"
     code, stdout, err = run(["bench", tmp_path / "data", "--kinds", "mask,box", "--transfer", "--ends", "--one-step",
-                             "--max-anchors", 4, "--json", out], capsys)
+                             "--max-anchors", 4, "--json", out], capsys, dev_main)
     assert code == 0, err
     res = json.load(open(out))
     s = res["summary"]
@@ -208,7 +210,7 @@ def test_bench_and_speed_commands(tmp_path, capsys):
         assert r["noi90"] is None or 1 <= r["noi90"] <= 4
         assert 0 <= r["drawn_empty"] < (r["noi90"] or 4)
         assert r["ms_per_slice"] > 0
-    code, stdout, err = run(["speed", "--shape", "12,64,64", "--repeat", "3"], capsys)
+    code, stdout, err = run(["speed", "--shape", "12,64,64", "--repeat", "3"], capsys, dev_main)
     assert code == 0, err
     sp = json.loads(stdout.strip().splitlines()[-1])
     assert sp["slices"] == 11 and sp["peak_rss_mb"] > 0 and sp["dice"] > 0.5
@@ -236,10 +238,12 @@ def test_no_flow_and_set_reach_the_engine_settings(model):
     """`--no-flow` turns every use of the optical flow off; `--set` overrides any setting; the checkpoint's own
     values stay."""
     from OnePromptSegLib.cli import make_parser, settings_from_args
+    from OnePromptSegLib.tooling.cli import make_parser as make_dev_parser
 
     for extra, flow, interp in (([], 0.5, True), (["--no-flow"], 0.0, False), (["--set", "flow_weight=0.3"], 0.3, True),
                                 (["--set", "interp_flow=no"], 0.5, False)):
-        for base in (["propagate", "x.nii.gz", "-o", "y.nii.gz"], ["bench", "data"]):
-            s = settings_from_args(model, make_parser().parse_args(base + extra))
+        for parser, base in ((make_parser(), ["propagate", "x.nii.gz", "-o", "y.nii.gz"]),
+                             (make_dev_parser(), ["bench", "data"])):
+            s = settings_from_args(model, parser.parse_args(base + extra))
             assert (s.flow_weight, s.interp_flow) == (flow, interp)
             assert s.threshold == 0.8  # onepromptseg-v6's calibrated threshold

@@ -5,8 +5,9 @@ import numpy as np
 import pytest
 from conftest import bright_object_volume
 
-from OnePromptSegLib.bench import dice
-from OnePromptSegLib.engine import NO_FLOW, EngineSettings, PropagationSession, SeedWarning, merge_into
+from OnePromptSegLib.sample import dice
+from OnePromptSegLib.session import PropagationSession, SeedWarning, merge_into
+from OnePromptSegLib.settings import NO_FLOW, EngineSettings
 from OnePromptSegLib.prompts import BBox, Click, Doodle, MaskPrompt, PromptError
 
 
@@ -189,7 +190,7 @@ def test_real_model_propagates_one_mask_prompt(model, demo):
 
 @pytest.mark.parametrize("kind", ["click", "box", "doodle"])
 def test_real_model_interactive_prompts(model, demo, kind):
-    from OnePromptSegLib.bench import simulated_prompt
+    from OnePromptSegLib.tooling.bench import simulated_prompt
 
     img, truth, spacing = demo
     k0 = int(truth.sum(axis=(1, 2)).argmax())
@@ -208,7 +209,7 @@ def test_prompt_that_finds_nothing_is_a_clear_error(model, demo):
 
 
 def test_one_prompt_transfer_from_another_volume(model):
-    from OnePromptSegLib.synth import make_demo_volume
+    from OnePromptSegLib.sample import make_demo_volume
 
     ref_img, ref_truth, sp = make_demo_volume(shape=(40, 112, 112), seed=3)
     img, truth, _ = make_demo_volume(shape=(40, 112, 112), seed=11)
@@ -280,7 +281,7 @@ def test_batched_walks_give_the_same_result(model, demo):
 
 
 def test_predict_many_equals_predict(model, demo):
-    from OnePromptSegLib.engine import _Request
+    from OnePromptSegLib.scheduler import WalkRequest
     from OnePromptSegLib.prompts import render_prompt_maps
     from OnePromptSegLib.crops import crop_around, extract
 
@@ -290,8 +291,8 @@ def test_predict_many_equals_predict(model, demo):
     S = model.size
     crop = lambda k: extract(img[k].astype(np.float32) / img.max(), box, S)  # noqa: E731
     pm = lambda k: render_prompt_maps(MaskPrompt(k, truth[k].astype(bool)), box, S)  # noqa: E731
-    reqs = [_Request(crop(k0 + 1), [crop(k0)], [pm(k0)], [3], [("t", k0 + 1), ("t", k0)]),
-            _Request(crop(k0 - 2), [crop(k0), crop(k0 - 4), crop(k0 + 2)], [pm(k0), pm(k0 - 4), pm(k0 + 2)],
+    reqs = [WalkRequest(crop(k0 + 1), [crop(k0)], [pm(k0)], [3], [("t", k0 + 1), ("t", k0)]),
+            WalkRequest(crop(k0 - 2), [crop(k0), crop(k0 - 4), crop(k0 + 2)], [pm(k0), pm(k0 - 4), pm(k0 + 2)],
                      [3, 3, 3], [("t", k0 - 2), ("t", k0), ("t", k0 - 4), ("t", k0 + 2)])]
     many = model.predict_many(reqs)
     for r, (p, q) in zip(reqs, many):
@@ -300,7 +301,7 @@ def test_predict_many_equals_predict(model, demo):
 
 
 def test_several_labels_propagate_together(model, demo):
-    from OnePromptSegLib.engine import propagate_together
+    from OnePromptSegLib.session import propagate_together
 
     img, truth, spacing = demo
     k0 = int(truth.sum(axis=(1, 2)).argmax())
@@ -426,7 +427,7 @@ def test_cancelled_adaptation_keeps_nothing_and_off_means_the_shared_model(model
 
 def test_a_one_prompt_seed_is_not_adapted_to_until_drawn_over(model):
     """One-Prompt mode's seed is the model's own guess: adaptation trains on drawn slices only."""
-    from OnePromptSegLib.synth import make_demo_volume
+    from OnePromptSegLib.sample import make_demo_volume
 
     ref_img, ref_truth, sp = make_demo_volume(shape=(40, 112, 112), seed=3)
     img, truth, _ = make_demo_volume(shape=(40, 112, 112), seed=11)
@@ -441,7 +442,7 @@ def test_a_one_prompt_seed_is_not_adapted_to_until_drawn_over(model):
 
 
 def test_adapted_sessions_propagate_together_as_alone(model, demo):
-    from OnePromptSegLib.engine import propagate_together
+    from OnePromptSegLib.session import propagate_together
 
     img, truth, spacing = demo
     k0 = int(truth.sum(axis=(1, 2)).argmax())

@@ -4,8 +4,10 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage as ndi
 
-from OnePromptSegLib.bench import dice, speed_volume
-from OnePromptSegLib.engine import EngineSettings, PropagationSession
+from OnePromptSegLib.sample import dice
+from OnePromptSegLib.tooling.bench import speed_volume
+from OnePromptSegLib.session import PropagationSession
+from OnePromptSegLib.settings import EngineSettings
 from OnePromptSegLib.flow import pool, resize_flow, tvl1, warp_mask
 from OnePromptSegLib.prompts import MaskPrompt
 
@@ -184,7 +186,7 @@ def test_real_model_between_two_drawn_slices_of_a_moving_object(model):
 def test_flows_are_kept_for_the_next_propagation(monkeypatch):
     """A correction re-runs the walks from the same drawn slices in the same crops: their flows are taken from the
     session's cache instead of being solved again, and the result is the one the solver would give."""
-    from OnePromptSegLib import engine
+    from OnePromptSegLib import session as engine_session
 
     solved = []
 
@@ -192,7 +194,7 @@ def test_flows_are_kept_for_the_next_propagation(monkeypatch):
         solved.append(1)
         return tvl1(*args, **kwargs)
 
-    monkeypatch.setattr(engine, "tvl1", counting_tvl1)
+    monkeypatch.setattr(engine_session, "tvl1", counting_tvl1)
     img, truth = _shrinking_volume(n=20)
     results, counts = [], []
     for keep in (True, False):

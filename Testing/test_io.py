@@ -273,12 +273,13 @@ def test_propagation_runs_without_simpleitk_and_reading_says_what_is_missing():
 
     code = (
         "import sys; sys.modules['SimpleITK'] = None\n"
-        "from OnePromptSegLib import cli, io\n"
+        "from OnePromptSegLib import io\n"
+        "from OnePromptSegLib.tooling import cli\n"
         "try:\n"
         "    io.read_volume(sys.argv[1])\n"
         "except io.VolumeIOError as e:\n"
         "    print('ERR', e)\n"
-        "sys.argv = ['onepromptseg', 'speed', '--shape', '8,48,48']\n"
+        "sys.argv = ['onepromptseg-dev', 'speed', '--shape', '8,48,48']\n"
         "cli.main()\n"
     )
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -392,20 +392,21 @@ def test_parameter_node_defaults_are_valid_choices(module):
 
 
 def test_follow_anatomy_switches_the_engines_optical_flow(module, logic, scene, monkeypatch):
-    from OnePromptSegLib import engine
+    from OnePromptSegLib.session import PropagationSession
+    from OnePromptSegLib.settings import EngineSettings
 
     volume, seg, _truth = scene
     used = []
-    plain = engine.PropagationSession.__init__
+    plain = PropagationSession.__init__
 
     def init(self, model, settings=None):
         used.append((settings.flow_weight, settings.interp_flow))
         plain(self, model, settings)
-    monkeypatch.setattr(engine.PropagationSession, "__init__", init)
+    monkeypatch.setattr(PropagationSession, "__init__", init)
     assert module.OnePromptSegParameterNode.followAnatomy is True
     logic.segment(volume, seg, "lesion", module.PROMPT_MASK)
     logic.segment(volume, seg, "lesion", module.PROMPT_MASK, followAnatomy=False)
-    assert used == [(engine.EngineSettings.flow_weight, True), (0.0, False)] and used[0][0] > 0
+    assert used == [(EngineSettings.flow_weight, True), (0.0, False)] and used[0][0] > 0
 
 
 def test_dependencies_present_means_no_install(module, logic):
@@ -414,7 +415,7 @@ def test_dependencies_present_means_no_install(module, logic):
 
 def test_real_model_loads_from_the_manifest_and_propagates(module, scene):
     """One short run with the bundled checkpoint, found through the module's manifest path."""
-    from OnePromptSegLib.synth import make_demo_volume
+    from OnePromptSegLib.sample import make_demo_volume
     lg = module.OnePromptSegLogic()
     assert lg.manifestPath() and os.path.isfile(lg.manifestPath())
     assert any(e.get("default") for e in lg.availableModels())
@@ -430,7 +431,7 @@ def test_real_model_loads_from_the_manifest_and_propagates(module, scene):
 
 
 def test_adaptation_shows_progress_and_cancel_writes_nothing_new(module, logic, scene, model, monkeypatch):
-    from OnePromptSegLib.engine import EngineSettings
+    from OnePromptSegLib.settings import EngineSettings
 
     volume, seg, _truth = scene
     monkeypatch.setattr(logic, "loadModel", lambda modelName="", device="auto": model)  # adaptation trains the net

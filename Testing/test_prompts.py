@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from OnePromptSegLib.bench import dice
+from OnePromptSegLib.sample import dice
 from OnePromptSegLib.crops import CropBox, crop_around, extract, paste
 from OnePromptSegLib.prompts import (BBox, Click, Doodle, MaskPrompt, PromptError, clicks_by_slice, drawn_axis,
                                      ijk_to_slice, masks_from_label_volume, render_prompt_maps, slice_shape,

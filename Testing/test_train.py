@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from OnePromptSegLib import train
+from OnePromptSegLib.tooling import train
 from OnePromptSegLib.checkpoints import load_model
 from OnePromptSegLib.prompts import KIND_INDEX
-from OnePromptSegLib.synth import random_volume
+from OnePromptSegLib.tooling.synth import random_volume
 
 
 @pytest.fixture(scope="module")
@@ -90,12 +90,13 @@ def test_training_resumes_and_exports(data_dir, tmp_path):
     entry = json.load(open(man))["models"][0]
     assert entry["training"]["steps"] == 5
     assert entry["training"]["seconds"] > 0  # both segments counted, the first had no end event
-    assert entry["training"]["command"].startswith("from step 0: python -m OnePromptSegLib.train")
+    assert entry["training"]["command"].startswith("from step 0: python -m OnePromptSegLib.tooling.train")
     assert "from step 3:" in entry["training"]["command"] and "--superpixel-frac 0.5" in entry["training"]["command"]
     assert "--average" not in entry["training"]["command"]  # an export option, not part of the recipe
     lm = load_model("tiny-run", "cpu", manifest_path=man)  # sha256 checked, weights_only load
     assert lm.model.config.size == 96
-    from OnePromptSegLib.engine import EngineSettings, PropagationSession
+    from OnePromptSegLib.session import PropagationSession
+    from OnePromptSegLib.settings import EngineSettings
     assert entry["engine"] == {"threshold": 0.8}
     assert PropagationSession(lm).settings.threshold == 0.8  # the checkpoint's calibration is applied
     assert EngineSettings.for_model(lm, threshold=0.6).threshold == 0.6  # and explicit settings win
@@ -107,9 +108,9 @@ def test_fine_tuning_starts_from_a_shipped_checkpoint(data_dir, tmp_path):
     import torch
 
     out = str(tmp_path / "ft")
-    shipped = load_model("onepromptseg-v2", "cpu")  # by manifest name, sha256-verified
+    shipped = load_model("onepromptseg-v6", "cpu")  # by manifest name, sha256-verified
     train.main(["--out", out, "--data", data_dir, "--batch", "2", "--threads", "1", "--synth-pool", "2",
-                "--steps", "1", "--lr", "1e-9", "--init", "onepromptseg-v2", "--save-every", "1000"])
+                "--steps", "1", "--lr", "1e-9", "--init", "onepromptseg-v6", "--save-every", "1000"])
     run = torch.load(os.path.join(out, "last.pt"), map_location="cpu", weights_only=True)["model"]
     ref = shipped.model.state_dict()
     # one step at lr 1e-9 (AdamW): the run still holds the shipped weights
@@ -170,7 +171,7 @@ def test_packed_volumes_train_like_the_nifti_files(data_dir, tmp_path):
     # the point of the pack: a machine without SimpleITK (the GPU machine's image) trains from it
     import subprocess
     import sys
-    code = (f"import sys; sys.modules['SimpleITK'] = None; from OnePromptSegLib import train; "
+    code = (f"import sys; sys.modules['SimpleITK'] = None; from OnePromptSegLib.tooling import train; "
             f"print(len(train.load_real_volumes({pack!r})))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert int(out.stdout) == len(a)

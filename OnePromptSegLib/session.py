@@ -39,121 +39,10 @@ from .flow import pool, resize_flow, tvl1, warp_mask
 from .io import normalize, robust_range
 from .prompts import (KIND_INDEX, AxisLike, BBox, MaskPrompt, Prompt, PromptError, ijk_axis,
                       numpy_axis, prompt_points, render_prompt_maps, validate)
+from .interpolation import gap_prior
+from .scheduler import SliceResult, WalkRequest, drive_walks, plan_walks
+from .settings import EngineSettings
 from .ssim import blur, ssim
-
-
-@dataclass
-class EngineSettings:
-    """Propagation settings.  Defaults were calibrated on ../shared/data/train (see docs/BENCHMARKS.md)."""
-
-    #: re-prompt when SSIM(current slice, prompt's slice) falls below this.  0.35 ~ the 5th percentile of
-    #: neighbouring-slice SSIM on ../shared/data/train (python -m OnePromptSegLib.calibrate; BENCHMARKS.md).
-    ssim_threshold: float = 0.35
-    reprompt: bool = True  #: SSIM-triggered re-prompting from buffered predictions
-    max_prompt_distance: int = 12  #: never prompt from a slice further away than this
-    max_templates: int = 3  #: K: templates per step (previous slice + nearest anchors / trusted slices)
-    stop_after_empty: int = 2  #: stop a direction after this many consecutive empty / low-quality slices
-    min_quality: float = 0.35  #: predicted quality below this counts as "object ended"
-    #: probability threshold of the binary mask.  0.7, not 0.5: at 0.5 the propagated masks were 1.6-2.5x the truth
-    #: on the object's slices of a train/ subset (each step's slight excess is the next step's prompt); 0.7 gave
-    #: Dice 0.68 against 0.65 there (30 tasks; BENCHMARKS.md), and first-slice box/click Dice within 0.01
-    threshold: float = 0.7
-    #: crop margin on each side, as a fraction of the object's extent.  0.4 gave Dice 0.698 from the largest slice
-    #: on 30 train/ tasks against 0.680 at 0.6, but walks from a small drawn slice towards a growing object then fall
-    #: behind (demo volume, three drawn slices: 0.755 against 0.841), so 0.6 stays (BENCHMARKS.md)
-    margin: float = 0.6
-    #: threshold of a slice segmented from a click, box or doodle on it (interactive mode); None = ``threshold``.
-    #: The propagation's threshold counters masks that grow step after step, which one interactive prediction does
-    #: not need: with ``onepromptseg-v6`` a box gave first-slice Dice 0.724 at 0.8 and 0.777 at 0.7 on train/
-    #: (BENCHMARKS.md); each checkpoint's manifest entry sets its own
-    interactive_threshold: Optional[float] = None
-    min_area_px: int = 3  #: a prediction smaller than this (pixels) counts as empty
-    ssim_sigma: float = 1.0  #: blur (pixels at the model's input size) before SSIM
-    #: run the independent walks (both directions, every gap between anchors) in lockstep, one batched model call
-    #: per step (same result as one walk after the other).  On a GPU that is most of the speed; on the 2-core CPU
-    #: it saves 8-20% since the model's attention skips masking when no template is padding (BENCHMARKS.md)
-    batch_walks: bool = True
-    #: between two drawn slices at most ``interp_gap`` slices apart, the model's probability is averaged (weight
-    #: ``interp_weight``) with the shape interpolated between them (signed distances, as Fill between slices does):
-    #: where the drawn slices are dense the interpolation is the better guess, where they are sparse the model.
-    #: Calibrated on a train/ subset (docs/BENCHMARKS.md): gaps up to 24 with weight 0.5 took the drawn slices
-    #: needed from 13.2 to 11.6; weights 0.5-0.7 and larger gaps were within 0.1 of it.
-    interp_gap: int = 24
-    interp_weight: float = 0.5
-    #: the interpolation's weight grows as drawn slices get closer: ``interp_weight`` for gaps of ``interp_ramp``
-    #: slices and more, rising linearly to 1 (interpolation alone) for a single missing slice; 2 or less = no ramp.
-    #: Calibrated on two train/ subsets (BENCHMARKS.md): drawn slices to 0.90 from 11.45 / 8.95 (no ramp) to
-    #: 11.0 / 8.37 (18); 6, 12 and 24 were in between
-    interp_ramp: int = 18
-    #: the interpolated shape follows the anatomy: each drawn slice's outline is carried along the optical flow
-    #: between neighbouring slices before the two are blended (``_flow_interpolation``); False: in place, as Fill
-    #: between slices does.  On 30 train/ tasks drawn slices to 0.90 8.87 -> 8.30 (BENCHMARKS.md)
-    interp_flow: bool = True
-    #: a walk that reaches a slice drawn empty without stopping ran past the structure's end: it is cut at its least
-    #: confident slice (predicted quality) among the last ``1 - cut_from`` of its slices, if that slice is at least
-    #: ``cut_drop`` below the walk's median quality (otherwise the structure ends just before the empty slice, as
-    #: when the user erases the first slice past the end).  Calibrated (BENCHMARKS.md): drawn slices to 0.90 on eval
-    #: 8.12 -> 7.88, on two train/ subsets 11.0 / 8.74 -> 10.82 / 8.74; smaller drops gained more on train/ but cut
-    #: real slices when the first slice past each end of a generated volume was erased (bench --ends)
-    cut_tail: bool = True
-    cut_from: float = 0.25
-    cut_drop: float = 0.2
-    #: test-time adaptation (``adapt``, ``OnePromptSegLib.adapt``): before a propagation a copy of the model takes
-    #: ``adapt_steps`` Adam steps (lr ``adapt_lr``, ``adapt_batch`` pairs each) on pairs made of the slices drawn in
-    #: this volume.  Off (0) by default: on two train/ subsets 20 steps at 1e-4 raised the Dice from one drawn slice
-    #: by 0.018, but on eval it lost 0.005 and did not lower the drawn slices needed, at ~10 s per propagation on
-    #: one CPU core (docs/BENCHMARKS.md).  A checkpoint's manifest entry can turn it on.
-    adapt_steps: int = 0
-    adapt_lr: float = 1e-4
-    adapt_batch: int = 8
-    adapt_min_drawn: int = 1  #: adapt only when at least this many slices are drawn (2: only from real pairs)
-    #: each step's probabilities are averaged (this weight) with the previous step's carried to the slice by the
-    #: optical flow between the two images (``OnePromptSegLib.flow``; ``_with_flow``): the model keeps the prompt's
-    #: size and place where the anatomy shrinks or moves (left atrium, spinal cord), the flow follows it.
-    #: Calibrated on 30 train/ tasks (BENCHMARKS.md): Dice from one slice 0.697 (0) -> 0.705 / 0.708 / 0.713 (0.3 /
-    #: 0.5 / 0.7; 0.7 lost more on generated volumes); on eval 0.747 -> 0.768.  About 5 ms of CPU a step (0: off)
-    flow_weight: float = 0.5
-
-
-    @classmethod
-    def for_model(cls, model, **overrides) -> "EngineSettings":
-        """The defaults with the checkpoint's own calibrated values (its manifest entry's ``engine`` block, e.g.
-        the mask threshold, which moves from one checkpoint to the next), then ``overrides``."""
-        own = dict(getattr(model, "entry", None) or {}).get("engine", {})
-        unknown = set(own) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise PromptError(f"the checkpoint's manifest entry sets unknown engine settings {sorted(unknown)}")
-        return cls(**{**own, **overrides})
-
-
-    @classmethod
-    def parse(cls, items: Sequence[str], option: str = "--set") -> Dict[str, object]:
-        """['threshold=0.8', 'reprompt=no'] -> {'threshold': 0.8, 'reprompt': False}, checked against the fields and
-        typed like their declarations (command-line sweeps and per-checkpoint calibration); an optional setting
-        takes ``none``."""
-        out: Dict[str, object] = {}
-        for item in items:
-            name, _, value = item.partition("=")
-            if name not in cls.__dataclass_fields__ or not value:
-                raise PromptError(f"{option} {item}: expected NAME=VALUE with NAME one of "
-                                  f"{', '.join(cls.__dataclass_fields__)}")
-            declared = str(cls.__dataclass_fields__[name].type)  # a string: this module has postponed annotations
-            if declared.startswith("Optional[") and value.lower() == "none":
-                out[name] = None
-            elif "bool" in declared:
-                out[name] = value.lower() in ("1", "true", "yes")
-            else:
-                kind = {"int": int, "float": float}[declared.replace("Optional[", "").rstrip("]")]
-                try:
-                    out[name] = kind(value)
-                except ValueError:
-                    raise PromptError(f"{option} {item}: {name} takes a number") from None
-        return out
-
-
-#: the settings that turn off every use of the optical flow (``--no-flow``, the module's "Follow the anatomy"
-#: checkbox): about a quarter faster a slice step, less accurate
-NO_FLOW: Dict[str, object] = {"flow_weight": 0.0, "interp_flow": False}
 
 
 class SeedWarning(UserWarning):
@@ -177,19 +66,6 @@ def merge_into(current: np.ndarray, result: np.ndarray, axis: AxisLike, slices: 
 
 
 @dataclass
-class SliceResult:
-    """One propagated slice, as yielded by ``propagate``."""
-
-    slice_index: int
-    mask: np.ndarray
-    quality: float
-    reprompted: bool
-    done: int
-    total: int
-    source: int  #: slice the main prompt came from
-
-
-@dataclass
 class _Reference:
     """A prompted slice of another volume (One-Prompt's template from another patient)."""
 
@@ -198,94 +74,7 @@ class _Reference:
     spacing: Tuple[float, float]
 
 
-@dataclass
-class _Request:
-    """What one walk step needs from the model: a query crop and its templates (see ``LoadedModel.predict``)."""
-
-    query: np.ndarray
-    templates: List[np.ndarray]
-    prompts: List[np.ndarray]
-    kinds: List[int]
-    keys: List[tuple]
-
-
 _SESSION_IDS = itertools.count()
-
-
-def _drive(walks: List[Iterator], model, batch: bool) -> Iterator[Tuple[int, "SliceResult"]]:
-    """Run walk generators to the end; yields (walk index, SliceResult).
-
-    A walk yields a ``_Request`` when it needs the model and is sent back (probabilities, quality); it yields a
-    ``SliceResult`` when a slice is done.  With ``batch`` every walk advances one step at a time and the requests
-    of a step go to the model as one batch (``predict_many``); otherwise the walks run one after the other.  Walks
-    never read each other's slices, so both give the same result.
-    """
-    groups = [list(range(len(walks)))] if batch else [[i] for i in range(len(walks))]
-    many = getattr(model, "predict_many", None)
-    for group in groups:
-        inbox: Dict[int, Optional[Tuple[np.ndarray, float]]] = {i: None for i in group}
-        active = list(group)
-        while active:
-            requests: Dict[int, _Request] = {}
-            for i in list(active):
-                val = inbox[i]
-                while True:
-                    try:
-                        msg = walks[i].send(val)
-                    except StopIteration:
-                        active.remove(i)
-                        break
-                    val = None
-                    if isinstance(msg, _Request):
-                        requests[i] = msg
-                        break
-                    yield i, msg
-            ids = list(requests)
-            if len(ids) > 1 and many is not None:
-                outs = many([requests[i] for i in ids])
-            else:
-                outs = [model.predict(r.query, r.templates, r.prompts, r.kinds, keys=r.keys)
-                        for r in (requests[i] for i in ids)]
-            for i, out in zip(ids, outs):
-                inbox[i] = out
-
-
-def propagate_together(sessions: Sequence["PropagationSession"], direction: str = "both",
-                       batch: bool = True) -> Iterator[Tuple[int, "SliceResult"]]:
-    """Propagate several sessions (e.g. several labels of one volume) at once; yields (session index, SliceResult).
-
-    With ``batch`` every step of every walk of every session goes to the model in one batch; otherwise the walks
-    run one after the other (same result).  All sessions must share one model.  ``done``/``total`` in the results
-    count over all sessions.
-    """
-    if not sessions:
-        return
-    if any(s.model is not sessions[0].model for s in sessions):
-        raise PromptError("propagate_together needs sessions that share one model")
-    # Sessions adapted to their own drawn slices (``adapt_steps``) each have their own model: one batch per model.
-    groups: Dict[int, Tuple[LoadedModel, List[Iterator], List[int]]] = {}
-    for n, sess in enumerate(sessions):
-        mine = sess._walks(direction, None)  # first: One-Prompt mode may add a seed anchor here
-        model = sess._walk_model()
-        _, walks, owner = groups.setdefault(id(model), (model, [], []))
-        for w in mine:
-            walks.append(w)
-            owner.append(n)
-    total = sum(sess._pending for sess in sessions)
-    done = 0
-    for model, walks, owner in groups.values():
-        for i, r in _drive(walks, model, batch):
-            done += 1
-            r.done, r.total = done, max(done, total)
-            yield owner[i], r
-
-
-def _signed_distance(mask: np.ndarray, spacing: Tuple[float, float]) -> np.ndarray:
-    """Distance in mm to the mask's border, positive inside: interpolating two of these linearly morphs one shape
-    into the other (the idea behind Fill between slices' shape interpolation)."""
-    from scipy import ndimage as ndi
-
-    return ndi.distance_transform_edt(mask, sampling=spacing) - ndi.distance_transform_edt(~mask, sampling=spacing)
 
 
 class PropagationSession:
@@ -543,7 +332,7 @@ class PropagationSession:
         limits the slices written.  Slices already computed since the last change are not recomputed.
         """
         walks = self._walks(direction, slice_range)
-        for done, (_, r) in enumerate(_drive(walks, self._walk_model(), self.settings.batch_walks), start=1):
+        for done, (_, r) in enumerate(drive_walks(walks, self._walk_model(), self.settings.batch_walks), start=1):
             r.done, r.total = done, max(done, self._pending)
             yield r
 
@@ -598,48 +387,9 @@ class PropagationSession:
             if not self._references:
                 raise PromptError("no prompt yet: add a click, box, scribble or mask on one slice first")
             self._seed_from_references(lo, hi)
-        plan = self._plan(direction, lo, hi)
+        plan = plan_walks(self.anchors, self.n, self._valid, direction, lo, hi)
         self._pending = sum(len(p[2]) for p in plan)
         return [self._walk(kind, start, slices, other) for kind, start, slices, other in plan]
-
-    def _plan(self, direction: str, lo: int, hi: int):
-        """Segments to (re)compute: (kind, start anchor, slices in order, anchor at the far end or None)."""
-        A = sorted(self.anchors)
-        plan = []
-        todo = lambda ks: [k for k in ks if lo <= k <= hi and k not in self._valid]  # noqa: E731
-        if direction in ("both", "backward"):
-            ks = todo(range(A[0] - 1, -1, -1))
-            if ks:
-                plan.append(("out", A[0], ks, None))
-        for a, b in zip(A[:-1], A[1:]):
-            gap = list(range(a + 1, b))
-            if not todo(gap):
-                continue
-            full_a, full_b = self.anchors[a].any(), self.anchors[b].any()
-            if direction == "both" and full_a != full_b:
-                # Drawn empty at one end: the object ends somewhere in the gap, so the other end walks all the way
-                # (with the stop rule) instead of meeting a walk that cannot start.
-                ks = [k for k in gap if lo <= k <= hi]
-                plan.append(("out", a, ks, b) if full_a else ("out", b, ks[::-1], a))
-            elif direction == "both":
-                # Alternate from both ends so that the walks meet in the middle.
-                order = []
-                i, j = a + 1, b - 1
-                while i <= j:
-                    order.append(i)
-                    if j != i:
-                        order.append(j)
-                    i, j = i + 1, j - 1
-                plan.append(("gap", a, [k for k in order if lo <= k <= hi], b))
-            elif direction == "forward":
-                plan.append(("out", a, [k for k in gap if lo <= k <= hi], b))
-            else:
-                plan.append(("out", b, [k for k in gap[::-1] if lo <= k <= hi], a))
-        if direction in ("both", "forward"):
-            ks = todo(range(A[-1] + 1, self.n))
-            if ks:
-                plan.append(("out", A[-1], ks, None))
-        return plan
 
     def _walk(self, kind: str, start: int, slices: List[int], far: Optional[int]) -> Iterator[SliceResult]:
         st = self.settings
@@ -719,56 +469,9 @@ class PropagationSession:
 
     def _gap_prior(self, a: int, b: int) -> Tuple[Optional[Callable[[int], np.ndarray]], float]:
         """(slice -> interpolated-shape probabilities between anchors a and b, its blending weight), or (None, 0)
-        where not used."""
-        st = self.settings
-        if not (1 < b - a <= st.interp_gap and st.interp_weight > 0 and self.anchors[a].any()
-                and self.anchors[b].any()):
-            return None, 0.0
-        ramp = st.interp_ramp
-        weight = 1 - (1 - st.interp_weight) * min(1.0, (b - a - 2) / (ramp - 2)) if ramp > 2 else st.interp_weight
-        if st.interp_flow:
-            return self._flow_interpolation(a, b), weight
-        sa, sb = _signed_distance(self.anchors[a], self.spacing), _signed_distance(self.anchors[b], self.spacing)
-        tau = min(self.spacing)
-
-        def prior(k: int) -> np.ndarray:
-            t = (k - a) / (b - a)
-            return 1.0 / (1.0 + np.exp(-np.clip(((1 - t) * sa + t * sb) / tau, -30, 30)))
-        return prior, weight
-
-    def _flow_interpolation(self, a: int, b: int) -> Callable[[int], np.ndarray]:
-        """Registration-based interpolation between anchors a and b: each drawn slice's signed distance (pixels of
-        a crop around both) is carried slice by slice along the optical flow towards the other (``_flow``), and
-        the two are blended linearly by position, as shape interpolation blends them where they were drawn.
-
-        Shape interpolation alone morphs one outline into the other in place; an object that moves or turns
-        between the drawn slices (a vessel, the spinal cord, thick cardiac slices) shrinks through the middle of
-        the gap.  Calibrated on train/ (BENCHMARKS.md): drawn slices to reach 0.90 from 8.87 to 8.30, 25 of 30
-        tasks instead of 24; the same with carried masks instead of signed distances 8.50.  Two flows per slice
-        of the gap, ~6 ms each.
-        """
-        shape = self._slice(a).shape
-        box = crop_around(self.anchors[a] | self.anchors[b], shape, self.spacing, self.settings.margin)
-        size = self.model.size
-
-        def carried(start: int, order: List[int]) -> Dict[int, np.ndarray]:
-            m = extract(self.anchors[start].astype(np.float32), box, size) > 0.5
-            out = {start: _signed_distance(m, (1.0, 1.0)).astype(np.float32)}
-            for prev, k in zip([start] + order, order):
-                out[k] = warp_mask(out[prev], self._flow(k, prev, box))
-            return out
-
-        inner = list(range(a + 1, b))
-        up, down = carried(a, inner), carried(b, inner[::-1])
-
-        def prior(k: int) -> np.ndarray:
-            t = (k - a) / (b - a)
-            sd = (1 - t) * up[k] + t * down[k]
-            vals, (rs, cs) = paste(1.0 / (1.0 + np.exp(-np.clip(sd, -30, 30))), box, shape)
-            out = np.zeros(shape, np.float32)
-            out[rs, cs] = vals
-            return out
-        return prior
+        where not used (``interpolation.gap_prior``)."""
+        return gap_prior(self.settings, a, b, self.anchors[a], self.anchors[b], self.spacing, self._slice(a).shape,
+                         self.model.size, self._flow)
 
     def _store(self, s: int, mask: np.ndarray, q: float) -> None:
         if s in self.anchors:  # never overwrite a locked slice
@@ -793,7 +496,7 @@ class PropagationSession:
 
     def _prepare(self, s: int, prev: int, masks: Dict[int, np.ndarray], meeting: bool, prev_box: Optional[CropBox],
                  drawn_maps: Dict[Tuple[int, CropBox], np.ndarray]
-                 ) -> Tuple[Optional[_Request], int, bool, Optional[CropBox]]:
+                 ) -> Tuple[Optional[WalkRequest], int, bool, Optional[CropBox]]:
         """What predicting slice ``s`` needs: (model request or None when no prompt is in reach, source slice,
         re-prompted, crop).  ``drawn_maps`` caches the walk's prompt maps by (slice, crop)."""
         st = self.settings
@@ -841,7 +544,7 @@ class PropagationSession:
                 drawn_maps[k, box] = render_prompt_maps(MaskPrompt(k, masks[k]), box, self.model.size)
         pms = [drawn_maps[k, box] for k in templates]
         keys = [(self._uid, k, box) for k in [s] + templates]
-        request = _Request(self._crop(s, box), imgs, pms, [KIND_INDEX["mask"]] * len(templates), keys)
+        request = WalkRequest(self._crop(s, box), imgs, pms, [KIND_INDEX["mask"]] * len(templates), keys)
         return request, src, reprompted, box
 
     def _seed_from_references(self, lo: int, hi: int) -> None:
@@ -877,3 +580,33 @@ class PropagationSession:
         self.seed_slice = s
         self._guessed.add(s)
         warnings.warn(f"One-Prompt mode: seeded from slice {s} (quality {best[0]:.2f})", SeedWarning)
+
+
+def propagate_together(sessions: Sequence[PropagationSession], direction: str = "both",
+                       batch: bool = True) -> Iterator[Tuple[int, "SliceResult"]]:
+    """Propagate several sessions (e.g. several labels of one volume) at once; yields (session index, SliceResult).
+
+    With ``batch`` every step of every walk of every session goes to the model in one batch; otherwise the walks
+    run one after the other (same result).  All sessions must share one model.  ``done``/``total`` in the results
+    count over all sessions.
+    """
+    if not sessions:
+        return
+    if any(s.model is not sessions[0].model for s in sessions):
+        raise PromptError("propagate_together needs sessions that share one model")
+    # Sessions adapted to their own drawn slices (``adapt_steps``) each have their own model: one batch per model.
+    groups: Dict[int, Tuple[LoadedModel, List[Iterator], List[int]]] = {}
+    for n, sess in enumerate(sessions):
+        mine = sess._walks(direction, None)  # first: One-Prompt mode may add a seed anchor here
+        model = sess._walk_model()
+        _, walks, owner = groups.setdefault(id(model), (model, [], []))
+        for w in mine:
+            walks.append(w)
+            owner.append(n)
+    total = sum(sess._pending for sess in sessions)
+    done = 0
+    for model, walks, owner in groups.values():
+        for i, r in drive_walks(walks, model, batch):
+            done += 1
+            r.done, r.total = done, max(done, total)
+            yield owner[i], r

@@ -1,8 +1,8 @@
 """Training for OnePromptNet: seeded, logged, resumable, and it writes the manifest entry of what it ships.
 
-    python -m OnePromptSegLib.train --out runs/v1 --steps 4000 [--data ../shared/data/train] [--minutes 60]
-    python -m OnePromptSegLib.train --export runs/v1 --name onepromptseg-v1 [--default]
-    python -m OnePromptSegLib.train --data ../shared/data/train --pack pack/train.npz   # then --data pack/train.npz
+    python -m OnePromptSegLib.tooling.train --out runs/v1 --steps 4000 [--data ../shared/data/train] [--minutes 60]
+    python -m OnePromptSegLib.tooling.train --export runs/v1 --name onepromptseg-v1 [--default]
+    python -m OnePromptSegLib.tooling.train --data ../shared/data/train --pack pack/train.npz   # then --data pack/train.npz
 
 On a GPU machine (``--device auto`` picks CUDA, with bf16 autocast) give the batch makers their own processes, e.g.
 ``--workers 12 --batch 64``, and ``--minutes 9`` per call: each call resumes from ``--out``'s last.pt.
@@ -33,12 +33,12 @@ from typing import Dict, Iterator, List, Optional, Sequence, Set, Tuple
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from scipy import ndimage as ndi
 
-from .crops import CropBox, crop_around, extract
-from .model import ModelConfig, OnePromptNet, count_parameters
-from .prompts import KIND_INDEX, BBox, Click, Doodle, MaskPrompt, render_prompt_maps
+from ..crops import CropBox, crop_around, extract
+from ..model import ModelConfig, OnePromptNet, count_parameters
+from ..prompts import KIND_INDEX, MaskPrompt, render_prompt_maps
+from ..training_parts import deform_query, loss_fn, simulate_prompt
 from .synth import random_volume
 
 
@@ -83,7 +83,7 @@ def _read_cases(data_dir: str) -> Iterator[Tuple[str, np.ndarray, np.ndarray, Tu
         return
     import SimpleITK as sitk
 
-    from .io import normalize, robust_range
+    from ..io import normalize, robust_range
 
     for ip in sorted(glob.glob(os.path.join(data_dir, "**", "*_img.nii.gz"), recursive=True)):
         lp = ip.replace("_img.nii.gz", "_lbl.nii.gz")
@@ -157,97 +157,11 @@ def superpixel_volume(rng: np.random.Generator, tv: TaskVolume, depth: int = 48)
     return TaskVolume(np.ascontiguousarray(img), seg, tv.spacing, sets, f"{tv.name}:slic")
 
 
-# ------------------------------------------------------------------------------------------------ prompt simulation
-
-def simulate_prompt(rng: np.random.Generator, mask: np.ndarray, kind: str, s: int):
-    """A user-like prompt of ``kind`` on slice ``s`` for the 2D object ``mask``."""
-    if kind == "mask":
-        m = mask.copy()
-        r = rng.random()
-        if r < 0.2:
-            m = ndi.binary_erosion(m, iterations=1) if m.sum() > 30 else m
-        elif r < 0.4:
-            m = ndi.binary_dilation(m, iterations=1)
-        if rng.random() < 0.1 and m.sum() > 40:  # drop a chunk of the prompt's foreground
-            rr, cc = np.nonzero(m)
-            i = rng.integers(len(rr))
-            rad = max(2, int(math.sqrt(m.sum()) * rng.uniform(0.1, 0.3)))
-            yy, xx = np.ogrid[:m.shape[0], :m.shape[1]]
-            m &= (yy - rr[i]) ** 2 + (xx - cc[i]) ** 2 > rad ** 2
-        return MaskPrompt(s, m if m.any() else mask)
-    rr, cc = np.nonzero(mask)
-    if kind == "box":
-        r0, r1, c0, c1 = rr.min(), rr.max(), cc.min(), cc.max()
-        h, w = r1 - r0 + 1, c1 - c0 + 1
-        j = rng.uniform(-0.1, 0.1, 4) * np.array([h, h, w, w])
-        r0, r1 = np.clip([r0 + j[0], r1 + j[1]], 0, mask.shape[0] - 1)
-        c0, c1 = np.clip([c0 + j[2], c1 + j[3]], 0, mask.shape[1] - 1)
-        if r1 - r0 < 1 or c1 - c0 < 1:
-            r0, r1, c0, c1 = rr.min(), rr.max() + 1, cc.min(), cc.max() + 1
-        return BBox(s, float(r0), float(c0), float(min(r1, mask.shape[0] - 1)), float(min(c1, mask.shape[1] - 1)))
-    if kind == "click":
-        inner = ndi.distance_transform_edt(mask)
-        npos = int(rng.integers(1, 4))
-        # Users click near the middle: sample proportional to the distance from the border.
-        p = inner[rr, cc] ** 2
-        p = p / p.sum()
-        idx = rng.choice(len(rr), size=min(npos, len(rr)), replace=False, p=p)
-        pts = [(float(rr[i]), float(cc[i])) for i in idx]
-        labels = [1] * len(pts)
-        nneg = int(rng.integers(0, 4))
-        if nneg:
-            ring = ndi.binary_dilation(mask, iterations=int(rng.integers(3, 12))) & ~mask
-            nr, nc = np.nonzero(ring)
-            if len(nr):
-                for i in rng.choice(len(nr), size=min(nneg, len(nr)), replace=False):
-                    pts.append((float(nr[i]), float(nc[i])))
-                    labels.append(0)
-        return Click(s, pts, labels)
-    # doodle: a thin broken skeleton inside, a stroke in a band outside
-    from skimage.morphology import skeletonize
-    sk = skeletonize(ndi.binary_erosion(mask, iterations=1) if mask.sum() > 40 else mask)
-    if not sk.any():
-        sk = mask.copy()
-    if rng.random() < 0.5:
-        sr, sc = np.nonzero(sk)
-        keep = rng.random(len(sr)) < rng.uniform(0.3, 1.0)
-        sk2 = np.zeros_like(sk)
-        sk2[sr[keep], sc[keep]] = True
-        sk = sk2 if sk2.any() else sk
-    bg = None
-    if rng.random() < 0.5:
-        band = ndi.binary_dilation(mask, iterations=int(rng.integers(3, 8)))
-        bg = (band ^ ndi.binary_erosion(band)) & ~mask  # a 1-px contour around the object
-        if rng.random() < 0.5:  # partial stroke
-            br, bc = np.nonzero(bg)
-            if len(br):
-                ang = np.arctan2(br - br.mean(), bc - bc.mean())
-                a0 = rng.uniform(-np.pi, np.pi)
-                keep = np.cos(ang - a0) > 0
-                bg = np.zeros_like(bg)
-                bg[br[keep], bc[keep]] = True
-    return Doodle(s, sk, bg)
-
-
 def _crop_for(rng: np.random.Generator, mask2d: np.ndarray, shape, spacing, loose: bool) -> CropBox:
     margin = rng.uniform(0.25, 1.0) if not loose else rng.uniform(0.5, 3.0)
     b = crop_around(mask2d, shape, spacing, margin=margin)
     jr, jc = rng.uniform(-0.1, 0.1, 2)
     return CropBox(b.r0 + jr * b.h, b.c0 + jc * b.w, b.h, b.w)
-
-
-def _deform(rng: np.random.Generator, img: np.ndarray, tgt: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
-    """Random affine + gamma on the query: the template comes from "another patient"."""
-    S = img.shape[0]
-    ang = rng.uniform(-0.35, 0.35)
-    sc = rng.uniform(0.8, 1.25, 2)
-    A = np.array([[math.cos(ang), -math.sin(ang)], [math.sin(ang), math.cos(ang)]]) @ np.diag(1 / sc)
-    c = np.array([S / 2, S / 2])
-    off = c - A @ c + rng.uniform(-0.08, 0.08, 2) * S
-    img = ndi.affine_transform(img, A, off, order=1, mode="constant")
-    tgt = ndi.affine_transform(tgt, A, off, order=1, mode="constant")
-    img = np.clip(img, 0, 1) ** rng.uniform(0.6, 1.6)
-    return img.astype(np.float32), (tgt > 0.5).astype(np.float32)
 
 
 def _offset(rng: np.random.Generator, kind: str, near: float) -> Tuple[int, bool]:
@@ -343,7 +257,7 @@ def sample_pair(rng: np.random.Generator, tv: TaskVolume, size: int, max_extra: 
     q = img_crop(qz)
     tgt = (extract(fg3[qz].astype(np.float32), box, size) > 0.5).astype(np.float32)
     if not interactive and not near_pair and rng.random() < 0.15:
-        q, tgt = _deform(rng, q, tgt)
+        q, tgt = deform_query(rng, q, tgt)
     return q, np.stack(templates), np.stack(prompts), np.array(kinds), tgt
 
 
@@ -439,22 +353,6 @@ def make_batch(rng: np.random.Generator, sources: List[TaskVolume], batch: int, 
             torch.from_numpy(V), torch.from_numpy(np.stack(ys)[:, None]))
 
 
-def loss_fn(logits: torch.Tensor, quality: torch.Tensor, target: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """BCE + soft Dice on the mask; MSE of the quality head against the Dice actually reached."""
-    bce = F.binary_cross_entropy_with_logits(logits, target)
-    p = torch.sigmoid(logits)
-    inter = (p * target).flatten(1).sum(1)
-    den = p.flatten(1).sum(1) + target.flatten(1).sum(1)
-    soft = 1 - (2 * inter + 1) / (den + 1)
-    with torch.no_grad():
-        hard = (p > 0.5).float()
-        hi = (hard * target).flatten(1).sum(1)
-        hd = hard.flatten(1).sum(1) + target.flatten(1).sum(1)
-        dice = torch.where(hd > 0, 2 * hi / hd.clamp_min(1), torch.ones_like(hd))
-    q = F.mse_loss(quality, dice)
-    return bce + soft.mean() + 0.5 * q, dice.mean()
-
-
 class BatchStream(torch.utils.data.IterableDataset):
     """Endless training batches from the task sources, for DataLoader worker processes (``--workers``).
 
@@ -498,7 +396,7 @@ def batches(rng: np.random.Generator, args: argparse.Namespace, real: List[TaskV
 
 
 def train(args: argparse.Namespace) -> None:
-    from .checkpoints import resolve_device
+    from ..checkpoints import resolve_device
 
     os.makedirs(args.out, exist_ok=True)
     torch.set_num_threads(args.threads)
@@ -532,7 +430,7 @@ def train(args: argparse.Namespace) -> None:
             st = _load_run_state(args.init)
             weights, origin = st["model"], f"step {st['step']}"
         else:  # a shipped checkpoint, by manifest name or path: verified like any other
-            from .checkpoints import load_model
+            from ..checkpoints import load_model
             shipped = load_model(args.init, "cpu")
             weights, origin = shipped.model.state_dict(), f"checkpoint {shipped.name}"
         model.load_state_dict({k: v for k, v in weights.items() if k in own})
@@ -660,10 +558,10 @@ def _training_seconds(events: List[dict]) -> float:
 
 def export(args: argparse.Namespace) -> None:
     """Write the fp16 weights of a run under Resources/Models and its entry in weights_manifest.json."""
-    from .checkpoints import add_manifest_entry, save_weights
+    from ..checkpoints import add_manifest_entry, save_weights
 
-    from .engine import EngineSettings
-    from .prompts import PromptError
+    from ..settings import EngineSettings
+    from ..prompts import PromptError
 
     try:
         engine = EngineSettings.parse(args.engine, "--engine")
@@ -677,7 +575,7 @@ def export(args: argparse.Namespace) -> None:
     targs = starts[0]["args"] if starts else {}
 
     def command(a: dict) -> str:
-        return "python -m OnePromptSegLib.train " + " ".join(
+        return "python -m OnePromptSegLib.tooling.train " + " ".join(
             f"--{k.replace('_', '-')} {shlex.quote(str(v))}" for k, v in a.items()
             if k not in ("export", "name", "default", "machine", "manifest", "engine", "average")
             and v not in (None, "", []))
@@ -699,7 +597,7 @@ def export(args: argparse.Namespace) -> None:
 
 
 def main(argv: Optional[List[str]] = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m OnePromptSegLib.train", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m OnePromptSegLib.tooling.train", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="runs/v1", help="run folder: log.jsonl and last.pt (resumed if present)")
     ap.add_argument("--data", default="", help="folder of <case>_img.nii.gz/_lbl.nii.gz training volumes, or a file "

@@ -1,4 +1,4 @@
-"""``onepromptseg bench DATA_DIR``: the project's benchmark, in-process.
+"""``onepromptseg-dev bench DATA_DIR``: the project's benchmark, in-process.
 
 It follows the reference protocol (../shared/tools/eval_propagation.py): for every <case>_img/_lbl.nii.gz and each of
 its (up to 4 largest) labels along k, the ground-truth mask of the largest slice is the one prompt -> volumetric Dice
@@ -21,6 +21,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 from scipy import ndimage as ndi
+
+from ..sample import dice
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -64,7 +66,7 @@ def add_speed_arguments(p: argparse.ArgumentParser) -> None:
 
 def speed_volume(shape: Sequence[int], dtype: str = "int16") -> Tuple[np.ndarray, np.ndarray]:
     """(volume, object mask) of ``speed``: a wobbling blob through every slice, 300 inside and 40 outside."""
-    from .synth import blob_mask
+    from ..sample import blob_mask
 
     D, H, W = shape
     vol = np.zeros((D, H, W), np.dtype(dtype))
@@ -85,9 +87,10 @@ def cmd_speed(args: argparse.Namespace) -> int:
 
     import torch
 
-    from .checkpoints import load_model
-    from .engine import EngineSettings, PropagationSession
-    from .prompts import MaskPrompt
+    from ..checkpoints import load_model
+    from ..session import PropagationSession
+    from ..settings import EngineSettings
+    from ..prompts import MaskPrompt
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -131,17 +134,11 @@ def tasks(lbl: np.ndarray, min_vox: int = 200, min_slices: int = 3, max_labels: 
     return out[:max_labels]
 
 
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    a, b = a.astype(bool), b.astype(bool)
-    s = a.sum() + b.sum()
-    return 1.0 if s == 0 else float(2.0 * (a & b).sum() / s)
-
-
 def simulated_prompt(kind: str, m: np.ndarray, s: int):
     """A deterministic user-like prompt of ``kind`` for the 2D truth ``m`` on slice ``s``."""
     from skimage.morphology import skeletonize
 
-    from .prompts import BBox, Click, Doodle, MaskPrompt
+    from ..prompts import BBox, Click, Doodle, MaskPrompt
 
     if kind == "mask":
         return MaskPrompt(s, m)
@@ -160,8 +157,8 @@ def simulated_prompt(kind: str, m: np.ndarray, s: int):
 def _ends_dice(model, settings, vol, gt: np.ndarray, k0: int) -> float:
     """Volumetric Dice after what a user does first: draw the largest slice, and erase the first slice past each end
     of the structure (drawn empty).  Checks that the engine does not cut real slices when told where an end is."""
-    from .engine import PropagationSession
-    from .prompts import MaskPrompt
+    from ..session import PropagationSession
+    from ..prompts import MaskPrompt
 
     zs = np.flatnonzero(gt.any(axis=(1, 2)))
     sess = PropagationSession(model, settings)
@@ -198,11 +195,11 @@ def cases(data_dir: str):
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from .checkpoints import load_model
-    from .cli import settings_from_args
-    from .engine import PropagationSession
-    from .io import read_label_volume, read_volume
-    from .prompts import MaskPrompt, PromptError
+    from ..checkpoints import load_model
+    from ..cli import settings_from_args
+    from ..session import PropagationSession
+    from ..io import read_label_volume, read_volume
+    from ..prompts import MaskPrompt, PromptError
 
     warnings.simplefilter("ignore")
     model = load_model(args.model, args.device)
@@ -325,7 +322,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         summ["transfer_pairs"] = len(tr)
     print(json.dumps(summ), flush=True)
     if args.figure and worst is not None:
-        from .cli import write_preview
+        from ..cli import write_preview
         write_preview(args.figure, worst[1], worst[3], 2, truth=worst[2])
     if args.json:
         with open(args.json, "w") as f:

@@ -1,6 +1,6 @@
 """Calibrate the SSIM re-prompt threshold on real labelled volumes (no model needed).
 
-    python -m OnePromptSegLib.calibrate ../shared/data/train [--quantile 0.05] [--json out.json]
+    python -m OnePromptSegLib.tooling.calibrate ../shared/data/train [--quantile 0.05] [--json out.json]
 
 For every task (label along k) it crops around the object exactly as the engine does (square in mm, resampled to
 the model's input size, normalised per volume), blurs, and measures SSIM between a slice and the slices 1, 2, 4, 8
@@ -18,14 +18,14 @@ from typing import Dict, List, Optional
 import numpy as np
 
 from .bench import cases, tasks
-from .crops import crop_around, extract
-from .engine import EngineSettings
-from .io import normalize, read_label_volume, read_volume, robust_range
-from .ssim import blurred_ssim
+from ..crops import crop_around, extract
+from ..settings import EngineSettings
+from ..io import normalize, read_label_volume, read_volume, robust_range
+from ..ssim import blurred_ssim
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m OnePromptSegLib.calibrate", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m OnePromptSegLib.tooling.calibrate", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("data")
     ap.add_argument("--quantile", type=float, default=0.05)
