@@ -1,13 +1,12 @@
 """OnePromptSeg: segment a structure through a whole volume from one prompted slice.
 
-Thin Slicer layer over the pure-Python library ``OnePromptSegLib``: Slicer nodes <-> numpy arrays and prompts, the
-module panel, progress with Cancel, writing into the selected segment with undo, and the correction loop.
-Volumes are numpy arrays in (k, j, i) order, exactly what ``slicer.util.arrayFromVolume`` returns.
+The module, its panel (widget and parameter node), dependency installation and progress with Cancel.  The data path
+is elsewhere: Slicer nodes -> ``OnePromptSegMRML`` (arrays, geometry, prompts; no Qt) -> ``OnePromptSegLib`` (the
+engine) -> arrays -> ``OnePromptSegMRML`` -> the selected segment.
 """
 import logging
 import os
 import sys
-import warnings
 from typing import Annotated
 
 import numpy as np
@@ -37,14 +36,13 @@ def _addLibraryToPath():
 
 LIBRARY_BASE = _addLibraryToPath()
 
+from OnePromptSegMRML import segments, volumes  # noqa: E402 (needs the library on the path)
+from OnePromptSegMRML.logic import PropagationLogic  # noqa: E402
+from OnePromptSegMRML.promptnodes import (PROMPT_BOX, PROMPT_MASK, PROMPT_POINTS,  # noqa: E402
+                                          PROMPT_SCRIBBLES, PROMPT_TYPES)
+
 #: Python packages the library needs besides torch (installed with pip after the user agrees).
 PIP_REQUIREMENTS = {"scipy": "scipy", "skimage": "scikit-image", "SimpleITK": "SimpleITK"}
-
-PROMPT_MASK = "Mask: drawn slices of the segment"
-PROMPT_POINTS = "Points: positive / negative point lists"
-PROMPT_BOX = "Box: markups ROI"
-PROMPT_SCRIBBLES = "Scribbles: painted foreground / background segments"
-PROMPT_TYPES = [PROMPT_MASK, PROMPT_POINTS, PROMPT_BOX, PROMPT_SCRIBBLES]
 DIRECTIONS = {"Both directions": "both", "Up only (increasing slice index)": "forward",
               "Down only (decreasing slice index)": "backward"}
 VIEWS = ["Red", "Yellow", "Green"]
@@ -351,35 +349,19 @@ class OnePromptSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 # OnePromptSegLogic
 #
 
-class _Run:
-    """What the logic keeps between runs for one target segment: the session and what was written."""
+class OnePromptSegLogic(ScriptedLoadableModuleLogic, PropagationLogic):
+    """Everything the module does, usable without the GUI (scripts, tests, the Segment Editor effect).
 
-    def __init__(self, session, volumeNodeID, axis, direction, sliceRange, drawn):
-        self.session = session
-        self.volumeNodeID = volumeNodeID
-        self.axis = axis
-        self.direction = direction
-        self.sliceRange = sliceRange
-        self.drawn = set(drawn)  # slices the user drew or corrected: never overwritten
-        self.written = None  # the segment (k, j, i) as it was right after our last write
-
-
-class OnePromptSegLogic(ScriptedLoadableModuleLogic):
-    """Everything the module does, usable without the GUI (scripts, tests, the Segment Editor effect)."""
+    The MRML work is ``OnePromptSegMRML.logic.PropagationLogic``; this class adds Slicer's parameter node, the
+    installation of missing dependencies, checkpoint download and the Segment Editor's undo.
+    """
 
     def __init__(self):
         ScriptedLoadableModuleLogic.__init__(self)
-        self._model = None
-        self._modelKey = None
-        self._runs = {}
-        self._histories = {}
+        PropagationLogic.__init__(self)
 
     def getParameterNode(self):
         return OnePromptSegParameterNode(super().getParameterNode())
-
-    def reset(self):
-        """Forget sessions and undo histories (scene closed)."""
-        self._runs, self._histories = {}, {}
 
     # ---------------------------------------------------------------------------------------- dependencies
     def ensureDependencies(self, askConfirmation=True):
@@ -419,20 +401,12 @@ class OnePromptSegLogic(ScriptedLoadableModuleLogic):
         return _("CPU only (no CUDA GPU found: propagation is slower but works)")
 
     # ---------------------------------------------------------------------------------------- models
-    def manifestPath(self):
-        for base in (os.path.dirname(os.path.abspath(__file__)), LIBRARY_BASE or ""):
-            path = os.path.join(base, "weights_manifest.json")
-            if os.path.isfile(path):
-                return path
-        return None
-
     def availableModels(self):
         """Manifest entries (empty until torch is installed)."""
         import importlib.util
         if importlib.util.find_spec("torch") is None or LIBRARY_BASE is None:
             return []
-        from OnePromptSegLib.checkpoints import list_models
-        return list_models(self.manifestPath())
+        return PropagationLogic.availableModels(self)
 
     def loadModel(self, modelName="", device="auto"):
         """The model (cached); a manifest entry not bundled is downloaded into Slicer's cache first."""
@@ -457,133 +431,6 @@ class OnePromptSegLogic(ScriptedLoadableModuleLogic):
         self._modelKey = key
         return self._model
 
-    # ---------------------------------------------------------------------------------------- Slicer -> numpy
-    @staticmethod
-    def ijkToWorld(volumeNode: vtkMRMLScalarVolumeNode):
-        """4x4 IJK -> world RAS of a volume, including a linear parent transform."""
-        m = vtk.vtkMatrix4x4()
-        volumeNode.GetIJKToRASMatrix(m)
-        ijkToRas = slicer.util.arrayFromVTKMatrix(m)
-        parent = volumeNode.GetParentTransformNode()
-        if parent is not None:
-            if not parent.IsTransformToWorldLinear():
-                raise ValueError(_("The volume '{name}' is under a non-linear transform: harden the transform "
-                                   "(Data module, right-click > Harden transform) first.").format(
-                                       name=volumeNode.GetName()))
-            t = vtk.vtkMatrix4x4()
-            parent.GetMatrixTransformToWorld(t)
-            ijkToRas = slicer.util.arrayFromVTKMatrix(t) @ ijkToRas
-        return ijkToRas
-
-    def volumeArray(self, volumeNode: vtkMRMLScalarVolumeNode):
-        """(image (k, j, i) float32, ijkToWorld 4x4, spacing (i, j, k))."""
-        if volumeNode is None or volumeNode.GetImageData() is None:
-            raise ValueError(_("Select a volume that has image data."))
-        image = slicer.util.arrayFromVolume(volumeNode).astype(np.float32)
-        return image, self.ijkToWorld(volumeNode), tuple(float(s) for s in volumeNode.GetSpacing())
-
-    @staticmethod
-    def sliceNormal(viewName):
-        """RAS normal of a slice view (column 2 of SliceToRAS); the view's default without a layout."""
-        from OnePromptSegLib.geometry import view_name_to_default_normal
-        sliceNode = None
-        layoutManager = slicer.app.layoutManager()
-        if layoutManager is not None and layoutManager.sliceWidget(viewName) is not None:
-            sliceNode = layoutManager.sliceWidget(viewName).mrmlSliceNode()
-        if sliceNode is None:
-            sliceNode = slicer.mrmlScene.GetNodeByID(f"vtkMRMLSliceNode{viewName}")
-        if sliceNode is None:
-            return view_name_to_default_normal(viewName)
-        sliceToRas = sliceNode.GetSliceToRAS()
-        return [sliceToRas.GetElement(row, 2) for row in range(3)]
-
-    def sliceAxis(self, viewName, ijkToWorld):
-        """The IJK axis the view slices along; GeometryError with a clear message if the view is oblique."""
-        from OnePromptSegLib.geometry import slice_axis_for_normal
-        return slice_axis_for_normal(self.sliceNormal(viewName), ijkToWorld)
-
-    @staticmethod
-    def segmentArray(segmentationNode: vtkMRMLSegmentationNode, segmentId, volumeNode: vtkMRMLScalarVolumeNode):
-        """The segment as uint8 (k, j, i) on the volume's grid (zeros if it is empty)."""
-        if segmentationNode is None or not segmentId or not segmentationNode.GetSegmentation().GetSegment(segmentId):
-            raise ValueError(_("Select a segment (Segment Editor: Add) to hold the result or the prompt."))
-        try:
-            array = slicer.util.arrayFromSegmentBinaryLabelmap(segmentationNode, segmentId, volumeNode)
-        except RuntimeError:  # an empty segment may fail to export: it is all zeros on the volume's grid
-            array = np.zeros(slicer.util.arrayFromVolume(volumeNode).shape, np.uint8)
-        return (array > 0).astype(np.uint8)
-
-    @staticmethod
-    def orientedImageFromArray(array, volumeNode: vtkMRMLScalarVolumeNode):
-        """uint8 (k, j, i) array on the volume's grid -> vtkOrientedImageData (for Segment Editor effects)."""
-        from vtk.util import numpy_support
-        image = slicer.vtkOrientedImageData()
-        image.SetDimensions(array.shape[2], array.shape[1], array.shape[0])
-        ijkToRas = vtk.vtkMatrix4x4()
-        volumeNode.GetIJKToRASMatrix(ijkToRas)
-        image.SetImageToWorldMatrix(ijkToRas)
-        image.AllocateScalars(vtk.VTK_UNSIGNED_CHAR, 1)
-        numpy_support.vtk_to_numpy(image.GetPointData().GetScalars())[:] = np.asarray(array, np.uint8).ravel()
-        return image
-
-    @staticmethod
-    def _pointsWorld(markupsNode: vtkMRMLMarkupsFiducialNode):
-        points = []
-        if markupsNode is not None:
-            for i in range(markupsNode.GetNumberOfControlPoints()):
-                if markupsNode.GetNthControlPointPositionStatus(i) != slicer.vtkMRMLMarkupsNode.PositionDefined:
-                    continue
-                p = [0.0, 0.0, 0.0]
-                markupsNode.GetNthControlPointPositionWorld(i, p)
-                points.append(p)
-        return np.array(points, dtype=float).reshape(-1, 3)
-
-    def buildPrompts(self, promptType, volumeNode: vtkMRMLScalarVolumeNode, image, ijkToWorld, axis,
-                     segmentationNode: vtkMRMLSegmentationNode = None, segmentId=None, positivePoints=None,
-                     negativePoints=None, roiNode: vtkMRMLMarkupsROINode = None,
-                     scribbleSegmentationNode: vtkMRMLSegmentationNode = None, scribbleForegroundId=None,
-                     scribbleBackgroundId=None):
-        """Slicer nodes -> library prompts on ``volumeNode``'s grid.  Returns (prompts, drawn slice indices)."""
-        from OnePromptSegLib import geometry, prompts
-        naxis = 2 - axis
-        if promptType == PROMPT_MASK:
-            drawing = self.segmentArray(segmentationNode, segmentId, volumeNode)
-            if not drawing.any():
-                raise prompts.PromptError(_("The segment is empty: draw the structure on one slice first (Segment "
-                                            "Editor: Paint or Draw), or choose another prompt type."))
-            masks = prompts.masks_from_label_volume(drawing, axis)
-            return masks, {m.slice_index for m in masks}
-        if promptType == PROMPT_POINTS:
-            pos, neg = self._pointsWorld(positivePoints), self._pointsWorld(negativePoints)
-            if not len(pos):
-                raise prompts.PromptError(_("Place at least one positive point on the structure."))
-            allPoints = np.concatenate([pos, neg])
-            labels = [1] * len(pos) + [0] * len(neg)
-            ijk = np.atleast_2d(geometry.ras_to_ijk(allPoints, ijkToWorld))
-            return prompts.clicks_by_slice(ijk, labels, axis), set()
-        if promptType == PROMPT_BOX:
-            if roiNode is None:
-                raise prompts.PromptError(_("Select or place a markups ROI around the structure on one slice."))
-            center, size = [0.0, 0.0, 0.0], [0.0, 0.0, 0.0]
-            roiNode.GetCenterWorld(center)
-            roiNode.GetSizeWorld(size)
-            roiToWorld = slicer.util.arrayFromVTKMatrix(roiNode.GetObjectToWorldMatrix())
-            corners = geometry.roi_corners(center, size, roiToWorld)
-            s = geometry.slice_index_for_ras(center, ijkToWorld, axis)
-            c0, c1 = geometry.ijk_box_from_ras_corners(corners, ijkToWorld, axis, s, image.shape)
-            return [prompts.BBox.from_ijk(c0, c1, axis)], set()
-        if promptType == PROMPT_SCRIBBLES:
-            if scribbleBackgroundId and scribbleBackgroundId == scribbleForegroundId:
-                raise prompts.PromptError(_("Background scribbles must be in another segment than the foreground."))
-            fg = self.segmentArray(scribbleSegmentationNode, scribbleForegroundId, volumeNode)
-            bg = (self.segmentArray(scribbleSegmentationNode, scribbleBackgroundId, volumeNode)
-                  if scribbleBackgroundId else np.zeros_like(fg))
-            slices = np.flatnonzero(fg.any(axis=tuple(d for d in range(3) if d != naxis)))
-            if not len(slices):
-                raise prompts.PromptError(_("The foreground scribble segment is empty: paint on the structure first."))
-            return [prompts.Doodle(int(s), np.take(fg, s, naxis) > 0, np.take(bg, s, naxis) > 0) for s in slices], set()
-        raise ValueError(f"unknown prompt type {promptType!r}")
-
     # ---------------------------------------------------------------------------------------- running
     def requestFromParameterNode(self, pn):
         """Keyword arguments of :meth:`segment` from the module's parameter node."""
@@ -600,176 +447,13 @@ class OnePromptSegLogic(ScriptedLoadableModuleLogic):
                     ssimThreshold=None if pn.useCalibratedThreshold else pn.ssimThreshold, reprompt=pn.reprompt,
                     followAnatomy=pn.followAnatomy, modelName=pn.modelName, device=pn.device)
 
-    def segment(self, volumeNode, segmentationNode, segmentId, promptType=PROMPT_MASK, sliceView="Red", axis=None,
-                templateVolumeNode=None, templateSegmentationNode=None, templateSegmentId=None, direction="both",
-                sliceRange=None, ssimThreshold=None, reprompt=True, followAnatomy=True, modelName="",
-                device="auto", progressCallback=None, writer=None, **promptNodes):
-        """Prompt, propagate and write into ``segmentId``.  Returns a summary dict.
-
-        ``promptNodes``: positivePoints, negativePoints, roiNode, scribbleSegmentationNode, scribbleForegroundId,
-        scribbleBackgroundId.  With ``templateVolumeNode`` (One-Prompt mode) the prompts are read on the template
-        volume (mask prompts from ``templateSegmentId``) and segment this volume.  ``progressCallback(result=None,
-        message=None)`` is called with a status message or a SliceResult; returning False cancels, keeping what was
-        done.  ``writer(array, volumeNode, segmentationNode, segmentId)``
-        replaces the default write (the Segment Editor effect passes its own).  ``followAnatomy=False`` turns off
-        the engine's optical flow between neighbouring slices (``NO_FLOW``): faster, less accurate.
-        """
-        from OnePromptSegLib.session import PropagationSession
-        from OnePromptSegLib.settings import NO_FLOW, EngineSettings
-        image, ijkToWorld, spacing = self.volumeArray(volumeNode)
-        self.segmentArray(segmentationNode, segmentId, volumeNode)  # fail early without a target segment
-        axis = self.sliceAxis(sliceView, ijkToWorld) if axis is None else int(axis)
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            if progressCallback:
-                progressCallback(message=_("Loading the model..."))
-            model = self.loadModel(modelName, device)
-            settings = EngineSettings.for_model(model, reprompt=bool(reprompt),
-                                                **({} if followAnatomy else NO_FLOW))
-            if ssimThreshold is not None:
-                settings.ssim_threshold = float(ssimThreshold)
-            session = PropagationSession(model, settings)
-            session.set_volume(image, axis, spacing)
-            if progressCallback:
-                progressCallback(message=_("Segmenting the prompted slice(s)..."))
-            if templateVolumeNode is not None:
-                tImage, tIjkToWorld, tSpacing = self.volumeArray(templateVolumeNode)
-                tAxis = self.sliceAxis(sliceView, tIjkToWorld)
-                templatePrompts, _drawn = self.buildPrompts(promptType, templateVolumeNode, tImage, tIjkToWorld, tAxis,
-                                                            templateSegmentationNode, templateSegmentId, **promptNodes)
-                for prompt in templatePrompts:
-                    session.add_reference(tImage, prompt, tAxis, tSpacing)
-                drawn = set()
-            else:
-                userPrompts, drawn = self.buildPrompts(promptType, volumeNode, image, ijkToWorld, axis,
-                                                       segmentationNode, segmentId, **promptNodes)
-                previous = self._runs.get((segmentationNode.GetID(), segmentId))
-                if promptType == PROMPT_MASK and previous is not None and previous.written is not None \
-                        and previous.volumeNodeID == volumeNode.GetID() and previous.axis == axis:
-                    # Run again (new settings): the slices our last run wrote are not the user's drawing.
-                    current = self.segmentArray(segmentationNode, segmentId, volumeNode)
-                    otherAxes = tuple(d for d in range(3) if d != 2 - axis)
-                    drawn &= previous.drawn | set(np.flatnonzero((current != previous.written).any(axis=otherAxes)))
-                    userPrompts = [p for p in userPrompts if p.slice_index in drawn]
-                for prompt in userPrompts:
-                    session.add_prompt(prompt)
-            run = _Run(session, volumeNode.GetID(), axis, direction, sliceRange, drawn)
-            self._runs[(segmentationNode.GetID(), segmentId)] = run
-            summary = self._propagateAndWrite(run, volumeNode, segmentationNode, segmentId, progressCallback, writer)
-        summary["warnings"] = self._userWarnings(caught)
-        return summary
-
-    @staticmethod
-    def _userWarnings(caught):
-        """Messages worth showing (device fallback, One-Prompt seeding ...), each once; all are logged."""
-        messages = []
-        for w in caught:
-            if issubclass(w.category, UserWarning) and str(w.message) not in messages:
-                messages.append(str(w.message))
-                logging.warning(str(w.message))
-        return messages
-
-    def repropagate(self, volumeNode, segmentationNode, segmentId, progressCallback=None, writer=None):
-        """Correction loop: slices whose content differs from our last write become corrected anchors and only the
-        affected slices are recomputed."""
-        run = self._runs.get((segmentationNode.GetID() if segmentationNode else None, segmentId))
-        if run is None or run.written is None or volumeNode is None or run.volumeNodeID != volumeNode.GetID():
-            raise ValueError(_("Nothing to re-propagate for this segment and volume yet: click 'Segment and "
-                               "propagate' first."))
-        current = self.segmentArray(segmentationNode, segmentId, volumeNode)
-        naxis = 2 - run.axis
-        otherAxes = tuple(d for d in range(3) if d != naxis)
-        changed = np.flatnonzero((current != run.written).any(axis=otherAxes))
-        if not len(changed):
-            return {"computed": 0, "cancelled": False, "corrected": [], "axis": run.axis, "warnings": [],
-                    "note": _("No corrected slice found: edit a slice of the segment first.")}
-        for s in changed:
-            run.session.correct(int(s), np.take(current, int(s), naxis) > 0)
-            run.drawn.add(int(s))
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            summary = self._propagateAndWrite(run, volumeNode, segmentationNode, segmentId, progressCallback, writer)
-        summary["corrected"] = [int(s) for s in changed]
-        summary["warnings"] = self._userWarnings(caught)
-        return summary
-
-    def _propagateAndWrite(self, run, volumeNode, segmentationNode, segmentId, progressCallback, writer):
-        computed, cancelled = [], False
-        adapting = run.session.adapt()  # test-time adaptation to the drawn slices, when the checkpoint asks for it
-        try:
-            for done, total in adapting:
-                if progressCallback is not None and progressCallback(message=_(
-                        "Adapting the model to the drawn slices (step {done} of {total})...").format(
-                        done=done, total=total)) is False:
-                    cancelled = True
-                    break
-        finally:
-            adapting.close()
-        generator = run.session.propagate(direction=run.direction, slice_range=run.sliceRange)
-        try:
-            for result in ([] if cancelled else generator):
-                computed.append(int(result.slice_index))
-                if progressCallback is not None and progressCallback(result) is False:
-                    cancelled = True
-                    break
-        finally:
-            generator.close()
-        current = self.segmentArray(segmentationNode, segmentId, volumeNode)
-        from OnePromptSegLib.session import merge_into
-        merged = merge_into(current, run.session.result, run.axis, set(computed) | set(run.session.anchors), run.drawn)
-        (writer or self.writeSegment)(merged, volumeNode, segmentationNode, segmentId)
-        run.written = self.segmentArray(segmentationNode, segmentId, volumeNode)
-        return {"computed": len(computed), "cancelled": cancelled, "axis": run.axis,
-                "anchors": sorted(int(a) for a in run.session.anchors), "drawn": sorted(run.drawn),
-                "device": str(getattr(run.session.model, "device", "?")),
-                "model": getattr(run.session.model, "name", "?")}
-
-    def writeSegment(self, array, volumeNode: vtkMRMLScalarVolumeNode, segmentationNode: vtkMRMLSegmentationNode,
-                     segmentId):
-        """Default writer: only this segment, with a state saved for undo first."""
-        self.saveStateForUndo(segmentationNode)
-        slicer.util.updateSegmentBinaryLabelmapFromArray(array, segmentationNode, segmentId, volumeNode)
-
-    def hasRun(self, segmentationNode, segmentId):
-        return segmentationNode is not None and (segmentationNode.GetID(), segmentId) in self._runs
-
-    @staticmethod
-    def describe(summary):
-        if summary.get("note"):
-            return summary["note"]
-        text = _("{n} slices propagated along {axis} on {device}").format(
-            n=summary["computed"], axis="IJK"[summary["axis"]], device=summary.get("device", "?"))
-        if summary.get("corrected"):
-            text += _("; corrected slices: {s}").format(s=", ".join(str(s) for s in summary["corrected"]))
-        if summary.get("cancelled"):
-            text += _(" (cancelled: the slices done so far were kept)")
-        return "\n".join([text] + summary.get("warnings", []))
-
-    # ---------------------------------------------------------------------------------------- undo
-    def saveStateForUndo(self, segmentationNode: vtkMRMLSegmentationNode):
-        """Snapshot for :meth:`undo`; the Segment Editor's own Undo also works when it edits this segmentation."""
-        history = self._histories.get(segmentationNode.GetID())
-        if history is None or history.GetSegmentation() != segmentationNode.GetSegmentation():
-            history = slicer.vtkSegmentationHistory()
-            history.SetMaximumNumberOfStates(10)
-            history.SetSegmentation(segmentationNode.GetSegmentation())
-            self._histories[segmentationNode.GetID()] = history
-        history.SaveState()
+    def saveStateForUndo(self, segmentationNode):
+        """This module's undo state and, when the Segment Editor edits this segmentation, the editor's too (so that
+        its Undo button also undoes a run)."""
+        PropagationLogic.saveStateForUndo(self, segmentationNode)
         editorWidget = getattr(getattr(slicer.modules, "SegmentEditorWidget", None), "editor", None)
         if editorWidget is not None and editorWidget.segmentationNode() == segmentationNode:
             editorWidget.saveStateForUndo()
-
-    def canUndo(self, segmentationNode: vtkMRMLSegmentationNode):
-        history = self._histories.get(segmentationNode.GetID()) if segmentationNode else None
-        return bool(history and history.IsRestorePreviousStateAvailable())
-
-    def undo(self, segmentationNode: vtkMRMLSegmentationNode):
-        """Restore the segmentation as it was before the last write of this module."""
-        if not self.canUndo(segmentationNode):
-            return False
-        # The sessions no longer match the segment: re-propagating would take the undone slices for corrections.
-        self._runs = {key: run for key, run in self._runs.items() if key[0] != segmentationNode.GetID()}
-        return bool(self._histories[segmentationNode.GetID()].RestorePreviousState())
 
 
 #
@@ -809,7 +493,7 @@ class OnePromptSegTest(ScriptedLoadableModuleTest):
         otherId = segmentation.AddEmptySegment("other", "other")
         other = np.zeros(truth.shape, np.uint8)
         other[:, :12, :12] = 1
-        slicer.util.updateSegmentBinaryLabelmapFromArray(other, segmentationNode, otherId, volumeNode)
+        segments.writeSegment(other, volumeNode, segmentationNode, otherId)
         return volumeNode, segmentationNode, segmentId, otherId, truth
 
     @staticmethod
@@ -820,11 +504,11 @@ class OnePromptSegTest(ScriptedLoadableModuleTest):
     def _drawSlice(self, truth, k, volumeNode, segmentationNode, segmentId):
         drawn = np.zeros_like(truth)
         drawn[k] = truth[k]
-        slicer.util.updateSegmentBinaryLabelmapFromArray(drawn, segmentationNode, segmentId, volumeNode)
+        segments.writeSegment(drawn, volumeNode, segmentationNode, segmentId)
         return drawn
 
     def _result(self, volumeNode, segmentationNode, segmentId):
-        return self.logic.segmentArray(segmentationNode, segmentId, volumeNode)
+        return segments.readSegment(segmentationNode, segmentId, volumeNode)
 
     # tests
     def test_SyntheticMaskPrompt(self):
@@ -847,7 +531,7 @@ class OnePromptSegTest(ScriptedLoadableModuleTest):
         self.delayDisplay("Point, box and scribble prompts")
         volumeNode, segNode, segId, _otherId, truth = self._syntheticScene()
         k = int(np.argmax(truth.sum(axis=(1, 2))))
-        ijkToWorld = self.logic.ijkToWorld(volumeNode)
+        ijkToWorld = volumes.ijkToWorld(volumeNode)
         jj, ii = np.nonzero(truth[k])
         centre = ijkToWorld @ [ii.mean(), jj.mean(), k, 1.0]
         points = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "positive")
@@ -870,8 +554,8 @@ class OnePromptSegTest(ScriptedLoadableModuleTest):
         fg, bg = np.zeros_like(truth), np.zeros_like(truth)
         fg[k] = ndimage.binary_erosion(truth[k], iterations=4)
         bg[k] = ndimage.binary_dilation(truth[k], iterations=6) & ~ndimage.binary_dilation(truth[k], iterations=4)
-        slicer.util.updateSegmentBinaryLabelmapFromArray(fg, scribbles, fgId, volumeNode)
-        slicer.util.updateSegmentBinaryLabelmapFromArray(bg, scribbles, bgId, volumeNode)
+        segments.writeSegment(fg, volumeNode, scribbles, fgId)
+        segments.writeSegment(bg, volumeNode, scribbles, bgId)
         self.logic.segment(volumeNode, segNode, segId, PROMPT_SCRIBBLES, scribbleSegmentationNode=scribbles,
                            scribbleForegroundId=fgId, scribbleBackgroundId=bgId)
         self.assertGreater(self._dice(self._result(volumeNode, segNode, segId), truth), self.MIN_DICE["scribbles"])
@@ -887,7 +571,7 @@ class OnePromptSegTest(ScriptedLoadableModuleTest):
         fix = int(slices[-3])  # the user corrects a slice near the end of the structure
         corrected = first.copy()
         corrected[fix] = truth[fix]
-        slicer.util.updateSegmentBinaryLabelmapFromArray(corrected, segNode, segId, volumeNode)
+        segments.writeSegment(corrected, volumeNode, segNode, segId)
         summary = self.logic.repropagate(volumeNode, segNode, segId)
         self.assertEqual(summary["corrected"], [fix])
         second = self._result(volumeNode, segNode, segId)
@@ -928,7 +612,7 @@ class OnePromptSegTest(ScriptedLoadableModuleTest):
         segNode.SetReferenceImageGeometryParameterFromVolumeNode(volumeNode)
         segId = segNode.GetSegmentation().AddEmptySegment("brain", "brain")
         image = slicer.util.arrayFromVolume(volumeNode)
-        naxis = 2 - self.logic.sliceAxis("Red", self.logic.ijkToWorld(volumeNode))
+        naxis = 2 - volumes.sliceAxis(slicer.mrmlScene, "Red", volumes.ijkToWorld(volumeNode))
         index = [slice(None)] * 3
         index[naxis] = image.shape[naxis] // 2
         index = tuple(index)
@@ -937,7 +621,7 @@ class OnePromptSegTest(ScriptedLoadableModuleTest):
         disk = (rr - plane.shape[0] / 2) ** 2 + (cc - plane.shape[1] / 2) ** 2 < (min(plane.shape) / 6) ** 2
         drawn = np.zeros(image.shape, np.uint8)
         drawn[index] = disk & (plane > np.percentile(plane, 60))
-        slicer.util.updateSegmentBinaryLabelmapFromArray(drawn, segNode, segId, volumeNode)
+        segments.writeSegment(drawn, volumeNode, segNode, segId)
         summary = self.logic.segment(volumeNode, segNode, segId, PROMPT_MASK, sliceView="Red")
         result = self._result(volumeNode, segNode, segId)
         self.assertTrue(np.array_equal(result[index], drawn[index]), "the drawn slice must not change")
@@ -949,7 +633,7 @@ class OnePromptSegTest(ScriptedLoadableModuleTest):
         # A click in the middle of the drawn region segments its slice.
         kji = np.argwhere(drawn).mean(axis=0)
         points = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "positive")
-        points.AddControlPoint((self.logic.ijkToWorld(volumeNode) @ [kji[2], kji[1], kji[0], 1.0])[:3])
+        points.AddControlPoint((volumes.ijkToWorld(volumeNode) @ [kji[2], kji[1], kji[0], 1.0])[:3])
         self.logic.segment(volumeNode, segNode, segId, PROMPT_POINTS, sliceView="Red", positivePoints=points)
         self.assertTrue(self._result(volumeNode, segNode, segId)[index].any())
 

@@ -151,6 +151,19 @@ def test_the_slicer_module_never_imports_tooling():
         assert not bad, f"{os.path.relpath(path, ROOT)} imports tooling: {bad}"
 
 
+def test_the_mrml_adapter_imports_no_qt_and_no_scripted_module_framework():
+    """OnePromptSeg/OnePromptSegMRML/ is the data path (nodes -> arrays -> engine -> segments): numpy, vtk, Slicer's
+    MRML classes and slicer.util, the library, and itself; never Qt, CTK or slicer.ScriptedLoadableModule & co."""
+    allowed = ("numpy", "vtk", "slicer", "slicer.util", "slicer.i18n", "OnePromptSegLib", "typing", "logging",
+               "warnings")
+    for path in sorted(glob.glob(os.path.join(ROOT, "OnePromptSeg", "OnePromptSegMRML", "*.py"))):
+        tree = ast.parse(open(path, encoding="utf-8").read(), path)
+        names = [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+        names += [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and not n.level]
+        bad = [n for n in names if not any(n == a or n.startswith(a + ".") and a != "slicer" for a in allowed)]
+        assert not bad, f"{os.path.relpath(path, ROOT)} imports {bad}"
+
+
 # ------------------------------------------------------------------------------------------------ extension install
 
 def _cmake_sets() -> Dict[str, List[str]]:
@@ -197,7 +210,8 @@ def test_the_extension_installs_the_runtime_one_checkpoint_and_the_manifest(tmp_
     shipped = sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "Resources", "Models", "*")))
     assert shipped == checkpoints, "Resources/Models/ must hold the default checkpoint only"
     others = set(placed) - set(runtime) - set(checkpoints) - {"weights_manifest.json"}
-    assert all(p.startswith(("OnePromptSeg.py", "SegmentEditorOnePromptLib/", "Resources/")) for p in others), others
+    assert all(p.startswith(("OnePromptSeg.py", "SegmentEditorOnePromptLib/", "OnePromptSegMRML/", "Resources/"))
+               for p in others), others
 
 
 def test_the_installed_module_finds_the_library_and_its_checkpoint(tmp_path):

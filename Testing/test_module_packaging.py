@@ -45,7 +45,8 @@ def _read(path):
 
 
 def _module_py_files():
-    return [MODULE_PY] + sorted(glob.glob(os.path.join(EFFECT_DIR, "*.py")))
+    return [MODULE_PY] + sorted(glob.glob(os.path.join(EFFECT_DIR, "*.py"))) + sorted(
+        glob.glob(os.path.join(MODULE_DIR, "OnePromptSegMRML", "*.py")))
 
 
 def _cmake_without_comments(path):
@@ -159,7 +160,7 @@ def test_module_cmake_lists_every_script_and_resource_and_they_exist():
     listed = _cmake_listed(MODULE_CMAKE)
     expected = {"OnePromptSeg.py", "SegmentEditorOnePromptLib/__init__.py",
                 "SegmentEditorOnePromptLib/SegmentEditorEffect.py", "SegmentEditorOnePromptLib/SegmentEditorEffect.png"}
-    for pattern in ("Resources/Icons/*", "Resources/UI/*"):
+    for pattern in ("Resources/Icons/*", "Resources/UI/*", "OnePromptSegMRML/*.py"):
         expected |= {os.path.relpath(p, MODULE_DIR).replace(os.sep, "/") for p in glob.glob(os.path.join(MODULE_DIR,
                                                                                                     pattern))}
     missing = sorted(expected - listed)

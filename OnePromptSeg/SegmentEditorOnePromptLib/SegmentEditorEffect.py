@@ -172,21 +172,27 @@ Undo restores the previous state. Not for clinical use.</html>""")
             return None
         return OnePromptSeg.sharedLogic()
 
-    def _axis(self, logic, volumeNode, segmentationNode, segmentId):
+    def _axis(self, volumeNode, segmentationNode, segmentId):
         """IJK axis: the chosen view's; in Auto the one the drawing lies in, else the last view used, else Red."""
+        # importable once the OnePromptSeg module has put the library on the path
+        from OnePromptSegLib.prompts import drawn_axis
+        from OnePromptSegMRML.segments import readSegment
+        from OnePromptSegMRML.volumes import ijkToWorld, sliceAxis
         viewName = self.scriptedEffect.parameter("SliceView")
         if viewName in ("Red", "Yellow", "Green"):
-            return logic.sliceAxis(viewName, logic.ijkToWorld(volumeNode))
-        from OnePromptSegLib.prompts import drawn_axis  # importable once the OnePromptSeg module set the path
-        axis = drawn_axis(logic.segmentArray(segmentationNode, segmentId, volumeNode))
+            return sliceAxis(volumeNode.GetScene(), viewName, ijkToWorld(volumeNode))
+        axis = drawn_axis(readSegment(segmentationNode, segmentId, volumeNode))
         if axis is not None:
             return axis
-        return logic.sliceAxis(self._lastViewName or "Red", logic.ijkToWorld(volumeNode))
+        return sliceAxis(volumeNode.GetScene(), self._lastViewName or "Red", ijkToWorld(volumeNode))
 
     def _write(self, array, volumeNode, segmentationNode, segmentId):
-        """Write through the Segment Editor: masking settings apply; Undo restores the previous state."""
-        logic = self._logic()
-        modifier = logic.orientedImageFromArray(array, volumeNode)
+        """Write through the Segment Editor: masking settings apply; Undo restores the previous state.
+
+        The modifier labelmap lives in the segmentation's coordinates: the result, on the volume's grid, is placed
+        there through both nodes' transforms, then resampled onto the editor's modifier geometry."""
+        from OnePromptSegMRML.segments import orientedImageOnVolumeGrid
+        modifier = orientedImageOnVolumeGrid(array, volumeNode, segmentationNode)
         aligned = slicer.vtkOrientedImageData()
         slicer.vtkOrientedImageDataResample.ResampleOrientedImageToReferenceOrientedImage(
             modifier, self.scriptedEffect.defaultModifierLabelmap(), aligned)
@@ -229,7 +235,7 @@ Undo restores the previous state. Not for clinical use.</html>""")
                                       scribbleBackgroundId=self.scriptedEffect.parameter("BackgroundSegmentID"))
                     summary = logic.segment(
                         volumeNode, segmentationNode, segmentId, promptType,
-                        axis=self._axis(logic, volumeNode, segmentationNode, segmentId),
+                        axis=self._axis(volumeNode, segmentationNode, segmentId),
                         direction=self.scriptedEffect.parameter("Direction") or "both",
                         device=self.scriptedEffect.parameter("Device") or "auto",
                         progressCallback=callback, writer=self._write, **prompt)

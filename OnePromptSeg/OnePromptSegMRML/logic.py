@@ -1,0 +1,269 @@
+"""One run of the engine on Slicer nodes: prompt, propagate, write; the correction loop; undo.
+
+``PropagationLogic`` is everything the module does that needs MRML but no GUI.  The module's
+``OnePromptSegLogic`` adds Slicer's scripted-module framework, dependency installation and checkpoint download;
+the Segment Editor effect passes its own writer.  A run reads the nodes, checks every input before any work, runs
+the engine (``OnePromptSegLib``) and writes only the target segment, and only if the nodes it read are still there:
+no other segment and no other node of the scene changes.
+"""
+import logging
+import warnings
+from typing import Callable, Dict, Optional, Set, Tuple
+
+import numpy as np
+
+import slicer
+
+# The engine (OnePromptSegLib.session, .checkpoints, .settings) imports torch: it is imported where it is used, so that
+# Slicer loads the module, and offers to install PyTorch, before torch is there.
+from .messages import InputError, _
+from .promptnodes import PROMPT_MASK, buildPrompts
+from .segments import checkEditable, checkSegment, readSegment, writeSegment
+from .volumes import sliceAxis, volumeArray
+
+#: states kept per segmentation for this module's undo
+UNDO_DEPTH = 10
+
+#: ``progressCallback(result=None, message=None)``: a status message or a SliceResult; returning False cancels
+ProgressCallback = Callable[..., Optional[bool]]
+#: ``writer(array, volumeNode, segmentationNode, segmentId)``: how a result reaches the segment
+Writer = Callable[[np.ndarray, object, object, str], None]
+
+
+class _Run:
+    """What the logic keeps between runs for one target segment: the session and what was written."""
+
+    def __init__(self, session, volumeNodeID: str, axis: int, direction: str,
+                 sliceRange: Optional[Tuple[int, int]], drawn: Set[int]):
+        self.session = session
+        self.volumeNodeID = volumeNodeID
+        self.axis = axis
+        self.direction = direction
+        self.sliceRange = sliceRange
+        self.drawn = set(drawn)  # slices the user drew or corrected: never overwritten
+        self.written: Optional[np.ndarray] = None  # the segment (k, j, i) as it was right after our last write
+
+
+def _changedSlices(current: np.ndarray, written: np.ndarray, axis: int) -> np.ndarray:
+    """Indices of the slices along IJK ``axis`` where the segment differs from what the last run wrote."""
+    otherAxes = tuple(d for d in range(3) if d != 2 - axis)
+    return np.flatnonzero((current != written).any(axis=otherAxes))
+
+
+class PropagationLogic:
+    """Runs, re-runs and undoes propagations into segments of a scene (no GUI)."""
+
+    def __init__(self):
+        self._model = None
+        self._modelKey = None
+        self._runs: Dict[Tuple[str, str], _Run] = {}
+        self._histories: Dict[str, "slicer.vtkSegmentationHistory"] = {}
+
+    def reset(self) -> None:
+        """Forget sessions and undo histories (scene closed)."""
+        self._runs, self._histories = {}, {}
+
+    # ---------------------------------------------------------------------------------------- models
+    def manifestPath(self) -> str:
+        """The weights manifest beside the library (the repository's, or the one the extension installs)."""
+        from OnePromptSegLib.checkpoints import default_manifest_path
+        return default_manifest_path()
+
+    def availableModels(self) -> list:
+        """The checkpoints of the manifest (name, path, default ...)."""
+        from OnePromptSegLib.checkpoints import list_models
+        return list_models(self.manifestPath())
+
+    def loadModel(self, modelName: str = "", device: str = "auto"):
+        """The model (cached per name and device), sha256-checked."""
+        from OnePromptSegLib.checkpoints import load_model
+        key = (modelName or "", device)
+        if self._model is None or self._modelKey != key:
+            self._model = load_model(modelName or None, device=device, manifest_path=self.manifestPath())
+            self._modelKey = key
+        return self._model
+
+    # ---------------------------------------------------------------------------------------- running
+    def segment(self, volumeNode, segmentationNode, segmentId: str, promptType: str = PROMPT_MASK,
+                sliceView: str = "Red", axis: Optional[int] = None, templateVolumeNode=None,
+                templateSegmentationNode=None, templateSegmentId: Optional[str] = None, direction: str = "both",
+                sliceRange: Optional[Tuple[int, int]] = None, ssimThreshold: Optional[float] = None,
+                reprompt: bool = True, followAnatomy: bool = True, modelName: str = "", device: str = "auto",
+                progressCallback: Optional[ProgressCallback] = None, writer: Optional[Writer] = None,
+                **promptNodes) -> dict:
+        """Prompt, propagate and write into ``segmentId``.  Returns a summary dict.
+
+        ``promptNodes``: positivePoints, negativePoints, roiNode, scribbleSegmentationNode, scribbleForegroundId,
+        scribbleBackgroundId.  With ``templateVolumeNode`` (One-Prompt mode) the prompts are read on the template
+        volume (mask prompts from ``templateSegmentId``) and segment this volume.  ``progressCallback`` returning
+        False cancels, keeping what was done.  ``writer`` replaces the default write (the Segment Editor effect
+        passes its own).  ``followAnatomy=False`` turns off the engine's optical flow (``NO_FLOW``): faster, less
+        accurate.  Every input is checked before any work; an error leaves the scene as it was.
+        """
+        from OnePromptSegLib.session import PropagationSession
+        from OnePromptSegLib.settings import NO_FLOW, EngineSettings
+        image, ijkToWorld, spacing = volumeArray(volumeNode)
+        checkSegment(segmentationNode, segmentId)
+        checkEditable(segmentationNode)
+        scene = volumeNode.GetScene()
+        axis = sliceAxis(scene, sliceView, ijkToWorld) if axis is None else int(axis)
+        if templateVolumeNode is not None:
+            tImage, tIjkToWorld, tSpacing = volumeArray(templateVolumeNode)
+            tAxis = sliceAxis(scene, sliceView, tIjkToWorld)
+            templatePrompts, _unused = buildPrompts(promptType, templateVolumeNode, tImage, tIjkToWorld, tAxis,
+                                                    templateSegmentationNode, templateSegmentId, **promptNodes)
+            userPrompts, drawn = [], set()
+        else:
+            userPrompts, drawn = buildPrompts(promptType, volumeNode, image, ijkToWorld, axis, segmentationNode,
+                                              segmentId, **promptNodes)
+            previous = self._runs.get((segmentationNode.GetID(), segmentId))
+            if promptType == PROMPT_MASK and previous is not None and previous.written is not None \
+                    and previous.volumeNodeID == volumeNode.GetID() and previous.axis == axis:
+                # Run again (new settings): the slices our last run wrote are not the user's drawing.
+                current = readSegment(segmentationNode, segmentId, volumeNode)
+                drawn &= previous.drawn | set(_changedSlices(current, previous.written, axis).tolist())
+                userPrompts = [p for p in userPrompts if p.slice_index in drawn]
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            if progressCallback:
+                progressCallback(message=_("Loading the model..."))
+            model = self.loadModel(modelName, device)
+            settings = EngineSettings.for_model(model, reprompt=bool(reprompt), **({} if followAnatomy else NO_FLOW))
+            if ssimThreshold is not None:
+                settings.ssim_threshold = float(ssimThreshold)
+            session = PropagationSession(model, settings)
+            session.set_volume(image, axis, spacing)
+            if progressCallback:
+                progressCallback(message=_("Segmenting the prompted slice(s)..."))
+            if templateVolumeNode is not None:
+                for prompt in templatePrompts:
+                    session.add_reference(tImage, prompt, tAxis, tSpacing)
+            for prompt in userPrompts:
+                session.add_prompt(prompt)
+            run = _Run(session, volumeNode.GetID(), axis, direction, sliceRange, drawn)
+            summary = self._propagateAndWrite(run, volumeNode, segmentationNode, segmentId, progressCallback,
+                                              writer)
+            self._runs[(segmentationNode.GetID(), segmentId)] = run
+        summary["warnings"] = self._userWarnings(caught)
+        return summary
+
+    @staticmethod
+    def _userWarnings(caught) -> list:
+        """Messages worth showing (device fallback, One-Prompt seeding ...), each once; all are logged."""
+        messages = []
+        for w in caught:
+            if issubclass(w.category, UserWarning) and str(w.message) not in messages:
+                messages.append(str(w.message))
+                logging.warning(str(w.message))
+        return messages
+
+    def repropagate(self, volumeNode, segmentationNode, segmentId: str,
+                    progressCallback: Optional[ProgressCallback] = None, writer: Optional[Writer] = None) -> dict:
+        """Correction loop: slices whose content differs from our last write (drawn, erased, or erased to empty)
+        become locked anchors and only the affected slices are recomputed."""
+        run = self._runs.get((segmentationNode.GetID() if segmentationNode else None, segmentId))
+        if run is None or run.written is None or volumeNode is None or run.volumeNodeID != volumeNode.GetID():
+            raise InputError(_("Nothing to re-propagate for this segment and volume yet: click 'Segment and "
+                               "propagate' first."))
+        checkSegment(segmentationNode, segmentId)
+        current = readSegment(segmentationNode, segmentId, volumeNode)
+        changed = _changedSlices(current, run.written, run.axis)
+        if not len(changed):
+            return {"computed": 0, "cancelled": False, "corrected": [], "axis": run.axis, "warnings": [],
+                    "note": _("No corrected slice found: edit a slice of the segment first.")}
+        naxis = 2 - run.axis
+        for s in changed:
+            run.session.correct(int(s), np.take(current, int(s), naxis) > 0)
+            run.drawn.add(int(s))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            summary = self._propagateAndWrite(run, volumeNode, segmentationNode, segmentId, progressCallback, writer)
+        summary["corrected"] = [int(s) for s in changed]
+        summary["warnings"] = self._userWarnings(caught)
+        return summary
+
+    def _propagateAndWrite(self, run: _Run, volumeNode, segmentationNode, segmentId: str,
+                           progressCallback: Optional[ProgressCallback], writer: Optional[Writer]) -> dict:
+        computed, cancelled = [], False
+        adapting = run.session.adapt()  # test-time adaptation to the drawn slices, when the checkpoint asks for it
+        try:
+            for done, total in adapting:
+                if progressCallback is not None and progressCallback(message=_(
+                        "Adapting the model to the drawn slices (step {done} of {total})...").format(
+                        done=done, total=total)) is False:
+                    cancelled = True
+                    break
+        finally:
+            adapting.close()
+        generator = run.session.propagate(direction=run.direction, slice_range=run.sliceRange)
+        try:
+            for result in ([] if cancelled else generator):
+                computed.append(int(result.slice_index))
+                if progressCallback is not None and progressCallback(result) is False:
+                    cancelled = True
+                    break
+        finally:
+            generator.close()
+        from OnePromptSegLib.session import merge_into
+        self._checkStillThere(volumeNode, segmentationNode, segmentId)
+        current = readSegment(segmentationNode, segmentId, volumeNode)
+        merged = merge_into(current, run.session.result, run.axis, set(computed) | set(run.session.anchors), run.drawn)
+        (writer or self.writeSegment)(merged, volumeNode, segmentationNode, segmentId)
+        run.written = readSegment(segmentationNode, segmentId, volumeNode)
+        return {"computed": len(computed), "cancelled": cancelled, "axis": run.axis,
+                "anchors": sorted(int(a) for a in run.session.anchors), "drawn": sorted(run.drawn),
+                "device": str(getattr(run.session.model, "device", "?")),
+                "model": getattr(run.session.model, "name", "?")}
+
+    @staticmethod
+    def _checkStillThere(volumeNode, segmentationNode, segmentId: str) -> None:
+        """InputError if the user removed the volume, the segmentation or the segment while the run went on:
+        the result has nowhere to go and nothing is written."""
+        if volumeNode.GetScene() is None or volumeNode.GetImageData() is None:
+            raise InputError(_("The volume was removed during the run: nothing was written."))
+        if segmentationNode.GetScene() is None or segmentationNode.GetSegmentation().GetSegment(segmentId) is None:
+            raise InputError(_("The segment was removed during the run: nothing was written."))
+
+    def writeSegment(self, array: np.ndarray, volumeNode, segmentationNode, segmentId: str) -> None:
+        """Default writer: only this segment, in world coordinates, with a state saved for undo first."""
+        self.saveStateForUndo(segmentationNode)
+        writeSegment(array, volumeNode, segmentationNode, segmentId)
+
+    def hasRun(self, segmentationNode, segmentId: str) -> bool:
+        return segmentationNode is not None and (segmentationNode.GetID(), segmentId) in self._runs
+
+    @staticmethod
+    def describe(summary: dict) -> str:
+        """One short text for the status line."""
+        if summary.get("note"):
+            return summary["note"]
+        text = _("{n} slices propagated along {axis} on {device}").format(
+            n=summary["computed"], axis="IJK"[summary["axis"]], device=summary.get("device", "?"))
+        if summary.get("corrected"):
+            text += _("; corrected slices: {s}").format(s=", ".join(str(s) for s in summary["corrected"]))
+        if summary.get("cancelled"):
+            text += _(" (cancelled: the slices done so far were kept)")
+        return "\n".join([text] + summary.get("warnings", []))
+
+    # ---------------------------------------------------------------------------------------- undo
+    def saveStateForUndo(self, segmentationNode) -> None:
+        """Snapshot of the whole segmentation for :meth:`undo` (``UNDO_DEPTH`` states per segmentation)."""
+        history = self._histories.get(segmentationNode.GetID())
+        if history is None or history.GetSegmentation() != segmentationNode.GetSegmentation():
+            history = slicer.vtkSegmentationHistory()
+            history.SetMaximumNumberOfStates(UNDO_DEPTH + 1)  # the history also holds the state undone to
+            history.SetSegmentation(segmentationNode.GetSegmentation())
+            self._histories[segmentationNode.GetID()] = history
+        history.SaveState()
+
+    def canUndo(self, segmentationNode) -> bool:
+        history = self._histories.get(segmentationNode.GetID()) if segmentationNode else None
+        return bool(history and history.IsRestorePreviousStateAvailable())
+
+    def undo(self, segmentationNode) -> bool:
+        """Restore the segmentation as it was before the last write of this module."""
+        if not self.canUndo(segmentationNode):
+            return False
+        # The sessions no longer match the segment: re-propagating would take the undone slices for corrections.
+        self._runs = {key: run for key, run in self._runs.items() if key[0] != segmentationNode.GetID()}
+        return bool(self._histories[segmentationNode.GetID()].RestorePreviousState())
