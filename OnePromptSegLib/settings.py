@@ -33,6 +33,13 @@ class EngineSettings:
     #: not need: with ``onepromptseg-v6`` a box gave first-slice Dice 0.724 at 0.8 and 0.777 at 0.7 on train/
     #: (BENCHMARKS.md); each checkpoint's manifest entry sets its own
     interactive_threshold: Optional[float] = None
+    #: a click is segmented in this many crops around it, each ``click_scale_step`` times narrower than the one
+    #: before (the first as wide as the slice), and the crop whose mask stands out most from its surroundings is
+    #: kept (``session._pick_extent``): the model segments a structure about the size its crop suggests, and a
+    #: point does not say how big the structure is.  1 = the slice-wide crop only.  Measured on 30 train/ tasks
+    #: (docs/BENCHMARKS.md): one click's slice Dice 0.58 (1 crop) -> 0.64 (3 crops, step 2.6)
+    click_scales: int = 3
+    click_scale_step: float = 2.6
     min_area_px: int = 3  #: a prediction smaller than this (pixels) counts as empty
     ssim_sigma: float = 1.0  #: blur (pixels at the model's input size) before SSIM
     #: run the independent walks (both directions, every gap between anchors) in lockstep, one batched model call
