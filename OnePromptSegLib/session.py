@@ -33,6 +33,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Set, Tupl
 
 import numpy as np
 from scipy import ndimage as ndi
+from skimage.segmentation import random_walker
 
 from .checkpoints import LoadedModel
 from .crops import CropBox, crop_around, extract, paste
@@ -119,6 +120,7 @@ class PropagationSession:
         self._guessed: Set[int] = set()  #: anchors that are the model's guess (a One-Prompt seed), not drawn
         self._pending = 0  #: slices the walks of the current propagation will write
         self._adapted: Optional[Tuple[tuple, LoadedModel]] = None  #: (drawn slices it was made for, model)
+        self._clicks: Dict[int, List[Tuple[Tuple[float, float], int]]] = {}  #: correction clicks per slice
 
     # ------------------------------------------------------------------------------------------ set-up
     def set_volume(self, volume: np.ndarray, axis: AxisLike = "k",
@@ -136,6 +138,7 @@ class PropagationSession:
         self.n = volume.shape[self.naxis]
         self.lo, self.hi = robust_range(volume)
         self.anchors, self.quality, self._valid, self._guessed = {}, {}, set(), set()
+        self._clicks = {}
         self._adapted = None  # adapted to another volume's slices
         self.result = np.zeros(volume.shape, np.uint8)
         self._norm_cache: Dict[Tuple[int, CropBox, Optional[float]], np.ndarray] = {}
@@ -214,8 +217,142 @@ class PropagationSession:
         validate(MaskPrompt(int(slice_index), mask), self.volume.shape, self.axis)
         self._lock(int(slice_index), np.asarray(mask, bool))
 
+    def refine_slice(self, slice_index: int, clicks: Click) -> np.ndarray:
+        """Correct one slice of the shown result with clicks: a positive click (label 1) on a part the result missed,
+        a negative one (label 0) on a part it wrongly holds.  Returns the slice's new mask.
+
+        The slice becomes a locked anchor (as ``correct``), so the next ``propagate()`` recomputes only the slices
+        between its neighbouring anchors.  Clicks on one slice add up: each refinement honours all the clicks given
+        on that slice so far, and starts from its current mask.  Where the slice holds nothing yet, the clicks are
+        segmented as a click prompt (``segment_slice``); otherwise the band around the current outline, widened
+        around each click, is decided again from the image by scikit-image's random walker (``_refine``).
+        """
+        self._need_volume()
+        s = int(clicks.slice_index)
+        if clicks.slice_index != slice_index:
+            raise PromptError(f"the clicks lie on slice {clicks.slice_index}, not on slice {slice_index}")
+        if not clicks.points or len(clicks.points) != len(clicks.labels):
+            raise PromptError("a correction needs at least one click, each with a label (1 add, 0 remove)")
+        # ``validate`` asks a click prompt for a positive point; a correction may be negative clicks only.
+        validate(Click(s, list(clicks.points), [1] * len(clicks.points)), self.volume.shape, self.axis)
+        given = self._clicks.setdefault(s, [])
+        given += [((float(r), float(c)), int(v == 1)) for (r, c), v in zip(clicks.points, clicks.labels)]
+        current = self._drop_clicked_parts(self._result_slice(s).astype(bool), given)
+        current = self._add_missed_parts(s, current, given)
+        mask = self._refine(s, current, given) if current.any() else current
+        if mask.sum() < self.settings.min_area_px:
+            mask[:] = False
+        self._lock(s, mask)
+        return mask
+
+    def _drop_clicked_parts(self, mask: np.ndarray, clicks: Sequence[Tuple[Tuple[float, float], int]]
+                            ) -> np.ndarray:
+        """``mask`` without the connected parts a negative click lies deep inside (at least ``refine_whole`` of the
+        part's own greatest depth): such a click says "this is not the structure", not "this edge is too far out"
+        (the random walker, seeded from the rest of the part, would keep most of it)."""
+        parts, n = ndi.label(mask)
+        if n == 0:
+            return mask
+        depth = ndi.distance_transform_edt(mask)
+        deepest = ndi.maximum(depth, parts, np.arange(1, n + 1))
+        out = mask.copy()
+        for point, positive in clicks:
+            part = parts[self._pixel(point, mask.shape)]
+            if not positive and part and depth[self._pixel(point, mask.shape)] >= (self.settings.refine_whole
+                                                                                   * deepest[part - 1]):
+                out[parts == part] = False
+        return out
+
+    def _add_missed_parts(self, s: int, mask: np.ndarray, clicks: Sequence[Tuple[Tuple[float, float], int]]
+                          ) -> np.ndarray:
+        """``mask`` with the parts that positive clicks far outside it point at (further from it than its own
+        extent, or any positive click on an empty slice): each is segmented by the model as a click prompt in a
+        crop the size of the structure nearby (``_segment_near``), and the part holding the click is added."""
+        rr, cc = np.nonzero(mask)
+        ext = max(np.ptp(rr), np.ptp(cc)) + 1 if len(rr) else 0
+        away = ndi.distance_transform_edt(~mask) if len(rr) else None
+        far = [(p, v) for p, v in clicks if v and (away is None or away[self._pixel(p, mask.shape)] > ext)]
+        if not far:
+            return mask
+        found = self._segment_near(s, Click(s, [p for p, _ in far] + [p for p, v in clicks if not v],
+                                            [1] * len(far) + [0] * sum(1 for _, v in clicks if not v)))
+        parts, _ = ndi.label(found)
+        keep = {parts[self._pixel(p, mask.shape)] for p, _ in far} - {0}
+        return mask | np.isin(parts, list(keep))
+
+    @staticmethod
+    def _pixel(point: Tuple[float, float], shape: Tuple[int, int]) -> Tuple[int, int]:
+        """The slice pixel holding a (row, col) point."""
+        return (min(max(int(round(point[0])), 0), shape[0] - 1), min(max(int(round(point[1])), 0), shape[1] - 1))
+
+    def _segment_near(self, s: int, clicks: Click) -> np.ndarray:
+        """Clicks on a slice the result left empty: the structure's size is that of the nearest slice holding it
+        (within ``max_prompt_distance``), so the clicks are segmented in that slice's crop, moved onto the positive
+        clicks; with no such slice, as a click prompt (``segment_slice``)."""
+        near = [k for k in range(self.n) if 0 < abs(k - s) <= self.settings.max_prompt_distance
+                and k in self._valid and self._result_slice(k).any()]
+        if not near:
+            return self.segment_slice(clicks)
+        k = min(near, key=lambda j: abs(j - s))
+        size = crop_around(self._result_slice(k).astype(bool), self._slice(s).shape, self.spacing,
+                           self.settings.margin)
+        pts = prompt_points(clicks)
+        centre = (pts.min(0) + pts.max(0) + 1) / 2
+        box = CropBox(centre[0] - size.h / 2, centre[1] - size.w / 2, size.h, size.w)
+        return self._predict_interactive(clicks, s, [box])
+
+    def _refine(self, s: int, current: np.ndarray, clicks: Sequence[Tuple[Tuple[float, float], int]]) -> np.ndarray:
+        """``current`` (slice ``s``) with its outline decided again where the clicks say it is wrong.
+
+        Seeds for scikit-image's random walker: the current mask shrunk by a band (foreground) and the outside
+        beyond it (background), each click a small disc of its label.  Around each click, the seeds of the other
+        label are lifted in a disc twice as wide as the click's distance to the current outline (the centre of an
+        error region lies about half its width from the outline), so the walker can move the outline there as
+        far as the image supports; everything else keeps the current mask.  Only a window around the mask and the
+        clicks is solved.
+        """
+        shape = current.shape
+        pts = np.array([p for p, _ in clicks], float).reshape(-1, 2)
+        pos = np.array([v for _, v in clicks], int)
+        rr, cc = np.nonzero(current)
+        ext = max(np.ptp(rr), np.ptp(cc)) + 1 if len(rr) else 8
+        inside = ndi.distance_transform_edt(current)
+        outside = ndi.distance_transform_edt(~current)
+        ri, ci = np.clip(np.round(pts[:, 0]).astype(int), 0, shape[0] - 1), np.clip(np.round(pts[:, 1]).astype(int),
+                                                                                   0, shape[1] - 1)
+        dist = np.where(pos == 1, outside[ri, ci], inside[ri, ci])
+        # The disc around each click where its opposite label's seeds are lifted; never wider than the mask itself
+        # (a walker with much room and few edges floods the slice).
+        reach = np.minimum(2 * dist + 2, max(ext, 8))
+        # Thin structures (a myocardium) keep foreground seeds: the band is at most half the mask's depth.
+        band = max(1.0, min(self.settings.refine_band * ext, 0.5 * inside.max()))
+        pad = int(max(reach.max(), band) + 4)
+        rows = np.concatenate([rr, ri]) if len(rr) else ri
+        cols = np.concatenate([cc, ci]) if len(cc) else ci
+        r0, r1 = max(rows.min() - pad, 0), min(rows.max() + pad + 1, shape[0])
+        c0, c1 = max(cols.min() - pad, 0), min(cols.max() + pad + 1, shape[1])
+        win = (slice(r0, r1), slice(c0, c1))
+        seeds = np.zeros((r1 - r0, c1 - c0), np.int32)
+        seeds[inside[win] > band] = 1
+        seeds[outside[win] > band] = 2
+        yy, xx = np.mgrid[r0:r1, c0:c1]
+        for (r, c), p, d, R in zip(pts, pos, dist, reach):
+            near = (yy - r) ** 2 + (xx - c) ** 2
+            seeds[(near <= R ** 2) & (seeds == (2 if p else 1))] = 0
+        for (r, c), p, d in zip(pts, pos, dist):
+            near = (yy - r) ** 2 + (xx - c) ** 2
+            seeds[near <= max(1.0, d / 2) ** 2] = 1 if p else 2
+        mask = current.copy()
+        if not (seeds == 1).any():
+            mask[win] = False  # negative clicks took every foreground seed: nothing of the structure is left here
+        elif (seeds == 2).any() and (seeds == 0).any():
+            img = blur(normalize(self._slice(s)[win], self.lo, self.hi), 1.0)
+            mask[win] = random_walker(img, seeds, beta=self.settings.refine_beta, mode="bf") == 1
+        return mask
+
     def remove_anchor(self, slice_index: int) -> None:
         """Unlock a slice; its range is recomputed on the next propagate()."""
+        self._clicks.pop(slice_index, None)
         if slice_index in self.anchors:
             del self.anchors[slice_index]
             self._guessed.discard(slice_index)

@@ -40,6 +40,13 @@ class EngineSettings:
     #: (docs/BENCHMARKS.md): one click's slice Dice 0.58 (1 crop) -> 0.64 (3 crops, step 2.6)
     click_scales: int = 3
     click_scale_step: float = 2.6
+    #: correction clicks (``refine_slice``): the band around the current outline that the random walker decides
+    #: again, as a fraction of the mask's extent, and the walker's edge weight (scikit-image's ``beta``)
+    refine_band: float = 0.1
+    refine_beta: float = 130.0
+    #: a negative click at least this deep into a connected part of the mask (as a fraction of the part's greatest
+    #: depth) removes the whole part
+    refine_whole: float = 0.5
     min_area_px: int = 3  #: a prediction smaller than this (pixels) counts as empty
     ssim_sigma: float = 1.0  #: blur (pixels at the model's input size) before SSIM
     #: run the independent walks (both directions, every gap between anchors) in lockstep, one batched model call
