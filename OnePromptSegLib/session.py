@@ -217,6 +217,20 @@ class PropagationSession:
         validate(MaskPrompt(int(slice_index), mask), self.volume.shape, self.axis)
         self._lock(int(slice_index), np.asarray(mask, bool))
 
+    def set_result(self, mask: np.ndarray) -> None:
+        """Take up a result computed before (an earlier run's output, read from a file) as this session's own: it
+        stays on every slice but the anchors, and nothing is recomputed until a correction (``refine_slice``,
+        ``correct``) invalidates the range around its slice.  Add the prompts the result was made from first."""
+        self._need_volume()
+        if tuple(np.shape(mask)) != tuple(self.volume.shape):
+            raise PromptError(f"the earlier result has shape {tuple(np.shape(mask))[::-1]} (i,j,k) but the image is "
+                              f"{tuple(self.volume.shape)[::-1]}")
+        for s in range(self.n):
+            if s not in self.anchors:
+                self._set_result(s, np.take(mask, s, axis=self.naxis) > 0)
+                self.quality[s] = 1.0
+                self._valid.add(s)
+
     def refine_slice(self, slice_index: int, clicks: Click) -> np.ndarray:
         """Correct one slice of the shown result with clicks: a positive click (label 1) on a part the result missed,
         a negative one (label 0) on a part it wrongly holds.  Returns the slice's new mask.
@@ -286,20 +300,27 @@ class PropagationSession:
         return (min(max(int(round(point[0])), 0), shape[0] - 1), min(max(int(round(point[1])), 0), shape[1] - 1))
 
     def _segment_near(self, s: int, clicks: Click) -> np.ndarray:
-        """Clicks on a slice the result left empty: the structure's size is that of the nearest slice holding it
-        (within ``max_prompt_distance``), so the clicks are segmented in that slice's crop, moved onto the positive
-        clicks; with no such slice, as a click prompt (``segment_slice``)."""
+        """Positive clicks where the result holds nothing: the nearest slice holding the structure (within
+        ``max_prompt_distance``) is carried to this one by a propagation step (``predict_from``) and its parts under
+        the clicks are kept; where the clicks fall outside it, they are segmented as a click prompt in that slice's
+        crop moved onto them (the structure has about that size).  With no such slice, as a click prompt
+        (``segment_slice``)."""
         near = [k for k in range(self.n) if 0 < abs(k - s) <= self.settings.max_prompt_distance
                 and k in self._valid and self._result_slice(k).any()]
         if not near:
             return self.segment_slice(clicks)
         k = min(near, key=lambda j: abs(j - s))
-        size = crop_around(self._result_slice(k).astype(bool), self._slice(s).shape, self.spacing,
-                           self.settings.margin)
+        source = self._result_slice(k).astype(bool)
+        carried = self.predict_from(s, k, source)
+        parts, _ = ndi.label(carried)
+        under = {parts[self._pixel(p, carried.shape)] for p, v in zip(clicks.points, clicks.labels) if v} - {0}
+        if under:
+            return np.isin(parts, list(under))
+        size = crop_around(source, source.shape, self.spacing, self.settings.margin)
         pts = prompt_points(clicks)
         centre = (pts.min(0) + pts.max(0) + 1) / 2
-        box = CropBox(centre[0] - size.h / 2, centre[1] - size.w / 2, size.h, size.w)
-        return self._predict_interactive(clicks, s, [box])
+        return self._predict_interactive(clicks, s, [CropBox(centre[0] - size.h / 2, centre[1] - size.w / 2,
+                                                             size.h, size.w)])
 
     def _refine(self, s: int, current: np.ndarray, clicks: Sequence[Tuple[Tuple[float, float], int]]) -> np.ndarray:
         """``current`` (slice ``s``) with its outline decided again where the clicks say it is wrong.
