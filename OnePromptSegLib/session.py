@@ -6,6 +6,7 @@
     for r in sess.propagate():                        # a generator: show progress, stop iterating to cancel
         ...
     sess.correct(41, fixed_mask2d)                    # a locked anchor; the next propagate() redoes only its range
+    sess.refine_slice(47, Click(47, [(r, c)], [0]))   # or correct with clicks (1 add, 0 remove): same locking
     mask = sess.result
 
 How a slice is predicted (Prompt U-Net's propagation with One-Prompt's model):
