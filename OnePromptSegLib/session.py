@@ -75,7 +75,8 @@ def _pick_extent(image: np.ndarray, masks: Sequence[np.ndarray], ring: float = 0
 
     A crop narrower than the structure gives a mask inside it (same intensity around it), a crop much wider one that
     spills over its neighbours (its inside mixes both).  On 30 train/ tasks this picked the better crop where the
-    model's own quality estimate could not (first-slice Dice 0.64 against 0.58; docs/BENCHMARKS.md).
+    model's own quality estimate could not (first-slice Dice 0.646 against 0.581 for the slice-wide crop alone and
+    0.580 picking by quality; issue 19).
     """
     scores = []
     for m in masks:
@@ -238,9 +239,10 @@ class PropagationSession:
 
         The slice becomes a locked anchor (as ``correct``), so the next ``propagate()`` recomputes only the slices
         between its neighbouring anchors.  Clicks on one slice add up: each refinement honours all the clicks given
-        on that slice so far, and starts from its current mask.  Where the slice holds nothing yet, the clicks are
-        segmented as a click prompt (``segment_slice``); otherwise the band around the current outline, widened
-        around each click, is decided again from the image by scikit-image's random walker (``_refine``).
+        on that slice so far, and starts from its current mask: a negative click deep inside a part removes it
+        (``_drop_clicked_parts``), a positive click far from the mask adds the part the model finds under it
+        (``_add_missed_parts``), then the band around the outline, widened around each click, is decided again from
+        the image by scikit-image's random walker (``_refine``).
         """
         self._need_volume()
         s = int(clicks.slice_index)
@@ -281,8 +283,8 @@ class PropagationSession:
     def _add_missed_parts(self, s: int, mask: np.ndarray, clicks: Sequence[Tuple[Tuple[float, float], int]]
                           ) -> np.ndarray:
         """``mask`` with the parts that positive clicks far outside it point at (further from it than its own
-        extent, or any positive click on an empty slice): each is segmented by the model as a click prompt in a
-        crop the size of the structure nearby (``_segment_near``), and the part holding the click is added."""
+        extent, or any positive click on an empty slice): found by the model near the structure's neighbouring
+        slices (``_segment_near``), the part holding the click is added."""
         rr, cc = np.nonzero(mask)
         ext = max(np.ptp(rr), np.ptp(cc)) + 1 if len(rr) else 0
         away = ndi.distance_transform_edt(~mask) if len(rr) else None
@@ -358,7 +360,7 @@ class PropagationSession:
         seeds[inside[win] > band] = 1
         seeds[outside[win] > band] = 2
         yy, xx = np.mgrid[r0:r1, c0:c1]
-        for (r, c), p, d, R in zip(pts, pos, dist, reach):
+        for (r, c), p, R in zip(pts, pos, reach):
             near = (yy - r) ** 2 + (xx - c) ** 2
             seeds[(near <= R ** 2) & (seeds == (2 if p else 1))] = 0
         for (r, c), p, d in zip(pts, pos, dist):
@@ -423,11 +425,10 @@ class PropagationSession:
         if isinstance(prompt, BBox):
             return self._predict_interactive(prompt, s, [crop_around(None, shape, self.spacing, margin=0.3,
                                                                      points=pts)])
-        # Clicks and strokes say where, not how big: the crop is centred on them and as wide as the slice.
-        # Measured on the demo volumes (docs/BENCHMARKS.md): narrower crops, or a second pass around the first
-        # result, made this model under-segment (click Dice 0.1-0.3 instead of 0.8-0.9).  A click does not even
-        # say that much: it is also tried in narrower crops (``click_scales``), and the crop whose mask stands out
-        # most from its surroundings wins (``_pick_extent``).
+        # Clicks and strokes say where, not how big: the crop is centred on them and as wide as the slice (a
+        # second pass around the first result made this model under-segment on the demo volumes, BENCHMARKS.md).
+        # A click is also tried in narrower crops (``click_scales``), and the crop whose mask stands out most from
+        # its surroundings wins (``_pick_extent``): small structures vanish in the slice-wide crop.
         ext = max(shape[0] * self.spacing[0], shape[1] * self.spacing[1])
         n = max(1, self.settings.click_scales) if isinstance(prompt, Click) else 1
         boxes = [crop_around(None, shape, self.spacing, margin=0.0, points=pts,
