@@ -242,7 +242,8 @@ class PropagationSession:
         on that slice so far, and starts from its current mask: a negative click deep inside a part removes it
         (``_drop_clicked_parts``), a positive click far from the mask adds the part the model finds under it
         (``_add_missed_parts``), then the band around the outline, widened around each click, is decided again from
-        the image by scikit-image's random walker (``_refine``).
+        the image by scikit-image's random walker (``_refine``).  New positive clicks only add to the mask, new
+        negative ones only remove from it.
         """
         self._need_volume()
         s = int(clicks.slice_index)
@@ -257,6 +258,12 @@ class PropagationSession:
         current = self._drop_clicked_parts(self._result_slice(s).astype(bool), given)
         current = self._add_missed_parts(s, current, given)
         mask = self._refine(s, current, given) if current.any() else current
+        # What the new clicks ask for, and nothing against it: "add here" removes nothing, "remove here" adds nothing.
+        new = {int(v == 1) for v in clicks.labels}
+        if new == {1}:
+            mask |= current
+        elif new == {0}:
+            mask &= current
         if mask.sum() < self.settings.min_area_px:
             mask[:] = False
         self._lock(s, mask)
