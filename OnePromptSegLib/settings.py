@@ -43,7 +43,7 @@ class EngineSettings:
     #: correction clicks (``refine_slice``): the band around the current outline that the random walker decides
     #: again, as a fraction of the mask's extent, and the walker's edge weight (scikit-image's ``beta``).  With
     #: simulated clicks after the drawn largest slice (``bench --clicks 5``), volume Dice after 1/3/5 clicks
-    #: 0.733/0.741/0.742 on 30 train/ tasks (2 drawn slices: 0.732), 0.753/0.755/0.764 on eval (0.780; issue 19)
+    #: 0.735/0.741/0.745 on 30 train/ tasks (2 drawn slices: 0.732), 0.758/0.775/0.791 on eval (0.780; issue 19)
     refine_band: float = 0.1
     refine_beta: float = 130.0
     #: a negative click at least this deep into a connected part of the mask (as a fraction of the part's greatest
