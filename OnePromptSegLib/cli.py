@@ -3,6 +3,7 @@
     onepromptseg propagate IMAGE -o OUT [--prompt-mask MASK [--label N] [--slices S1,S2]] [--click I,J,K[,neg]]...
                  [--box A0,B0,A1,B1,S]... [--scribble SCRIBBLE_MASK] [--axis i|j|k] [--device auto|cpu|cuda]
                  [--model NAME_OR_PATH] [--ssim-threshold T] [--no-reprompt] [--preview PNG]
+                 [--result EARLIER_OUT]    # then the --click points correct EARLIER_OUT
     onepromptseg demo [--out DIR]
     onepromptseg models
 
@@ -107,7 +108,7 @@ def build_prompts(args: argparse.Namespace, vol: Volume) -> List:
         prompts += empty_drawn_slices(args.slices, prompts, axis, vol.array.shape)
     elif args.slices:
         raise UsageError("--slices names drawn slices of --prompt-mask: give --prompt-mask too")
-    if args.click:
+    if args.click and not args.result:
         by_slice: Dict[int, List] = {}
         for c in args.click:
             ijk, label = parse_click(c)
@@ -126,9 +127,22 @@ def build_prompts(args: argparse.Namespace, vol: Volume) -> List:
         for s in slices:
             sl = np.take(lab, int(s), axis=a)
             prompts.append(Doodle(int(s), sl == 1, sl == 2))
+    if not prompts and args.result:
+        raise UsageError("--result needs the prompts it was made from (--prompt-mask, --box or --scribble): "
+                         "they are the drawn slices that bound what a correction recomputes")
     if not prompts:
         raise UsageError("no prompt given: use --prompt-mask, --click, --box or --scribble")
     return prompts
+
+
+def correction_clicks(texts: Sequence[str], axis: int) -> List[Click]:
+    """``--click`` values given with ``--result``: one Click per slice, positive and negative points together (a
+    slice may have negative points only: they remove a wrong part)."""
+    by_slice: Dict[int, List] = {}
+    for text in texts:
+        ijk, label = parse_click(text)
+        by_slice.setdefault(int(round(ijk[axis])), []).append((ijk, label))
+    return [Click.from_ijk([p for p, _ in items], [lab for _, lab in items], axis) for items in by_slice.values()]
 
 
 class Progress:
@@ -217,12 +231,21 @@ def settings_from_args(model, args: argparse.Namespace) -> EngineSettings:
 
 
 def run_propagation(model, vol: Volume, prompts: List, axis: int, settings: EngineSettings,
-                    direction: str = "both", progress: Optional[Progress] = None) -> np.ndarray:
-    """Add every prompt to a session over ``vol`` and propagate; returns the (k,j,i) uint8 mask."""
+                    direction: str = "both", progress: Optional[Progress] = None,
+                    earlier: Optional[np.ndarray] = None, corrections: Sequence[Click] = ()) -> np.ndarray:
+    """Add every prompt to a session over ``vol`` and propagate; returns the (k,j,i) uint8 mask.
+
+    With ``earlier`` (a result of the same prompts) the session takes it up and ``corrections`` refine their slices
+    (``PropagationSession.refine_slice``): only the slices between the drawn slices around each corrected slice are
+    propagated again."""
     sess = PropagationSession(model, settings)
     sess.set_volume(vol.array, axis, vol.spacing)
     for p in prompts:
         sess.add_prompt(p)
+    if earlier is not None:
+        sess.set_result(earlier)
+        for click in corrections:
+            sess.refine_slice(click.slice_index, click)
     adapting = Progress("adapting to the drawn slices", progress.stream, "step") if progress else None
     for done, total in sess.adapt():  # only with adapt_steps (off by default)
         if adapting:
@@ -242,10 +265,16 @@ def cmd_propagate(args: argparse.Namespace) -> int:
     if not os.path.isdir(out_dir):
         raise UsageError(f"-o {args.output}: folder {out_dir} does not exist")
     prompts = build_prompts(args, vol)
+    earlier, corrections = None, []
+    if args.result:
+        earlier = read_label_volume(args.result, vol)
+        corrections = correction_clicks(args.click or [], axis)
+        if not corrections:
+            raise UsageError("--result: give the correction clicks with --click I,J,K[,neg]")
     model = load_model(args.model, args.device)
     settings = settings_from_args(model, args)
     mask = run_propagation(model, vol, prompts, axis, settings, args.direction,
-                           None if args.quiet else Progress("propagating"))
+                           None if args.quiet else Progress("propagating"), earlier, corrections)
     write_mask(mask, vol, args.output)
     if args.preview:
         write_preview(args.preview, vol.array, mask, axis)
@@ -303,7 +332,13 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--slices", metavar="S1,S2,...",
                    help="the drawn slices of --prompt-mask (indices along --axis); a listed slice without foreground "
                         "is drawn empty: the structure is absent there and propagation stops at it")
-    p.add_argument("--click", action="append", metavar="I,J,K[,neg]", help="a point in voxel indices; repeatable")
+    p.add_argument("--click", action="append", metavar="I,J,K[,neg]",
+                   help="a point in voxel indices; repeatable.  With --result: a correction of that result (a "
+                        "positive click adds a part it missed, 'neg' removes a part it wrongly holds)")
+    p.add_argument("--result", metavar="EARLIER_OUT",
+                   help="an earlier output of the same prompts, to correct with --click points: their slices are "
+                        "refined and locked, and only the slices between the drawn slices around them are "
+                        "propagated again")
     p.add_argument("--box", action="append", metavar="A0,B0,A1,B1,S",
                    help="a box: corners in the two in-plane axes (i,j for axis k) and the slice index; repeatable")
     p.add_argument("--scribble", help="label volume of strokes: 1 foreground, 2 background")

@@ -121,6 +121,25 @@ def test_click_box_and_scribble_prompts(files, capsys, tmp_path):
     assert dice(sitk.GetArrayFromImage(sitk.ReadImage(str(out))), t) >= 0.6
 
 
+def test_result_with_clicks_corrects_it(files, capsys, tmp_path):
+    """``--result EARLIER --click ...,neg``: the clicked slice of an earlier result is refined (a wrong part removed),
+    and only the slices between the drawn slices around it are computed again (here above the one drawn slice)."""
+    t, k0 = files["truth"], files["k0"]
+    earlier = t.copy()
+    earlier[k0 + 4, 4:14, 4:14] = 1  # a wrong part, away from the structure
+    earlier[k0 - 6, 4:8, 4:8] = 1  # below the drawn slice: not in the corrected range, so it stays
+    ep = _write(earlier, tmp_path / "earlier.nii.gz", files["spacing"])
+    out = tmp_path / "fixed.nii.gz"
+    code, _, err = run(["propagate", files["img"], "--prompt-mask", files["one"], "--result", ep,
+                        "--click", f"9,9,{k0 + 4},neg", "-o", out, "--device", "cpu", "-q"], capsys)
+    assert code == 0, err
+    fixed = sitk.GetArrayFromImage(sitk.ReadImage(str(out)))
+    assert not fixed[k0 + 4, 4:14, 4:14].any() and fixed[k0 + 4].any()
+    assert np.array_equal(fixed[:k0], earlier[:k0])
+    code, _, err = run(["propagate", files["img"], "--result", ep, "--click", f"9,9,{k0},neg", "-o", out], capsys)
+    assert code == 2 and "needs the prompts it was made from" in err
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--click", "500,10,5"], "outside the slice"),
     (["--click", "10,10"], "expected 3 or 4"),

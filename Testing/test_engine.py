@@ -489,3 +489,73 @@ def test_interactive_threshold_is_its_own_setting(model, demo):
         "interactive_threshold": None, "batch_walks": False}
     with pytest.raises(PromptError, match="threshold takes a number"):
         EngineSettings.parse(["threshold=high"])
+
+
+# ---------------------------------------------------------------------------------------------- issue 19: clicks
+
+def test_click_finds_a_small_structure_in_a_wide_slice(model):
+    """A click says where, not how big: a lesion 13 mm across in a 200 mm slice is lost by the slice-wide crop alone
+    (``click_scales=1``); the narrower crops, chosen by the mask's contrast with its surroundings, find it."""
+    from OnePromptSegLib.sample import blob_mask, smooth_noise
+    from OnePromptSegLib.tooling.bench import simulated_prompt
+
+    rng = np.random.default_rng(1)
+    shape = (5, 256, 256)
+    img = (40 + 12 * smooth_noise(rng, shape, (2, 8, 8))).astype(np.float32)
+    img[~blob_mask(shape, (2, 128, 128), (50, 110, 115), wobble=0.05)] = -900  # a body in air
+    lesion = blob_mask(shape, (2, 110, 140), (10, 8, 7.2), wobble=0.15)
+    img[lesion] = 120
+    img += rng.normal(0, 8, shape).astype(np.float32)
+    click = simulated_prompt("click", lesion[2], 2)
+    found = {n: dice(_session(model, img, EngineSettings(click_scales=n), spacing=(0.8, 0.8, 3.0)).segment_slice(
+        click), lesion[2]) for n in (1, 3)}
+    assert found[3] >= 0.8 and found[1] < 0.3, found  # measured 0.87 and 0.10
+
+
+def _corrected(model, demo, clicks):
+    """The demo volume propagated from its largest slice, then ``clicks`` simulated correction clicks."""
+    from OnePromptSegLib.tooling.bench import correction_click
+
+    img, truth, spacing = demo
+    k0 = int(truth.sum(axis=(1, 2)).argmax())
+    s = _session(model, img, EngineSettings.for_model(model), spacing=spacing)
+    s.add_prompt(MaskPrompt(k0, truth[k0].astype(bool)))
+    list(s.propagate())
+    scores = [dice(s.result, truth)]
+    for _ in range(clicks):
+        c = correction_click(s.result.astype(bool), truth.astype(bool), spacing[::-1])
+        before = {k for k in range(truth.shape[0]) if k in s._valid}
+        s.refine_slice(c.slice_index, c)
+        assert c.slice_index in s.anchors
+        redone = {r.slice_index for r in s.propagate()}
+        lower = max([a for a in s.anchors if a < c.slice_index], default=-1)
+        upper = min([a for a in s.anchors if a > c.slice_index], default=truth.shape[0])
+        assert redone <= set(range(lower + 1, upper)) and redone <= before  # only the corrected slice's range
+        scores.append(dice(s.result, truth))
+    return s, scores
+
+
+def test_correction_clicks_improve_the_volume(model, demo):
+    """Simulated clicks at the centre of the largest error region (bench's protocol): each refines its slice,
+    locks it and re-propagates only its range; three clicks leave the volume better than it was."""
+    _, scores = _corrected(model, demo, 3)
+    assert scores[-1] > scores[0] + 0.02, scores  # measured 0.893 -> 0.913, 0.923, 0.927
+
+
+def test_negative_click_removes_a_wrong_part_and_positive_click_adds_one(model, demo):
+    img, truth, spacing = demo
+    k0 = int(truth.sum(axis=(1, 2)).argmax())
+    s = _session(model, img, EngineSettings.for_model(model), spacing=spacing)
+    s.add_prompt(MaskPrompt(k0, truth[k0].astype(bool)))
+    earlier = truth.copy()
+    earlier[k0 + 3, 5:15, 5:15] = 1  # a wrong part away from the structure
+    earlier[k0 - 3] = 0  # a slice the result missed
+    s.set_result(earlier)
+    assert s.propagate is not None and not list(s.propagate())  # taken up as it is: nothing to recompute
+    fixed = s.refine_slice(k0 + 3, Click(k0 + 3, [(10.0, 10.0)], [0]))
+    assert not fixed[5:15, 5:15].any() and dice(fixed, truth[k0 + 3]) > 0.95
+    rr, cc = np.nonzero(truth[k0 - 3])
+    found = s.refine_slice(k0 - 3, Click(k0 - 3, [(float(np.median(rr)), float(np.median(cc)))], [1]))
+    assert dice(found, truth[k0 - 3]) > 0.7
+    with pytest.raises(PromptError, match="outside the slice"):
+        s.refine_slice(k0, Click(k0, [(1e4, 0.0)], [0]))
