@@ -167,6 +167,8 @@ class OnePromptSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNode = None
         self._parameterNodeGuiTag = None
         self._updatingSelectors = False
+        self._observedPointLists = []
+        self._running = False
 
     def setup(self):
         ScriptedLoadableModuleWidget.setup(self)
@@ -268,6 +270,24 @@ class OnePromptSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                                            else _("Select the volume, the segmentation and the segment to write into"))
         self.ui.repropagateButton.enabled = ready and self.logic.hasRun(pn.segmentationNode, pn.segmentId)
         self.ui.undoButton.enabled = bool(pn.segmentationNode) and self.logic.canUndo(pn.segmentationNode)
+        self._observePointLists([pn.positivePoints, pn.negativePoints])
+
+    def _observePointLists(self, pointLists):
+        """Watch the point lists: a point placed after a run corrects that run (as in nnInteractive)."""
+        pointLists = [node for node in pointLists if node is not None]
+        if pointLists == self._observedPointLists:
+            return
+        for node in self._observedPointLists:
+            self.removeObserver(node, slicer.vtkMRMLMarkupsNode.PointPositionDefinedEvent, self.onPointPlaced)
+        for node in pointLists:
+            self.addObserver(node, slicer.vtkMRMLMarkupsNode.PointPositionDefinedEvent, self.onPointPlaced)
+        self._observedPointLists = pointLists
+
+    def onPointPlaced(self, caller=None, event=None):
+        """A point placed once the segment has a run: it corrects its slice and the range around it is redone."""
+        pn = self._parameterNode
+        if pn is not None and not self._running and self.logic.hasRun(pn.segmentationNode, pn.segmentId):
+            self._run(repropagate=False, points=True)
 
     def updateParameterNodeFromSelectors(self, *args):
         if self._parameterNode is None or self._updatingSelectors:
@@ -321,20 +341,27 @@ class OnePromptSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onRepropagate(self):
         self._run(repropagate=True)
 
-    def _run(self, repropagate):
+    def _run(self, repropagate, points=False):
         pn = self._parameterNode
+        self._running = True
         with slicer.util.tryWithErrorDisplay(_("OnePromptSeg failed."), waitCursor=False):
             if not self.logic.ensureDependencies(askConfirmation=True):
+                self._running = False
                 return
             dialog, callback = createProgressCallback(_("Loading the model..."))
             try:
-                if repropagate:
+                if points:
+                    summary = self.logic.correctWithPoints(pn.inputVolume, pn.segmentationNode, pn.segmentId,
+                                                           pn.positivePoints, pn.negativePoints,
+                                                           progressCallback=callback)
+                elif repropagate:
                     summary = self.logic.repropagate(pn.inputVolume, pn.segmentationNode, pn.segmentId,
                                                      progressCallback=callback)
                 else:
                     summary = self.logic.segment(progressCallback=callback, **self.logic.requestFromParameterNode(pn))
             finally:
                 dialog.close()
+                self._running = False
             self.ui.statusLabel.text = self.logic.describe(summary)
         self.updateGUIFromParameterNode()
 

@@ -259,6 +259,33 @@ def test_correction_loop_cancel_and_undo_depth():
     assert undone == UNDO_DEPTH, undone
 
 
+def test_points_placed_after_a_run_correct_their_slice_and_rerun_the_range():
+    """nnInteractive-style corrections: a negative point deep in a slice's part removes it, and the walk past it is
+    redone from that empty slice; a positive point afterwards brings the slice back.  Points of the prompt itself
+    and points already used do not count again."""
+    case = Case(SHIFT_R, ROTATE)
+    positive = case.points([case.center], "positive")
+    negative = case.scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "negative")
+    case.logic.segment(case.volume, case.segmentation, "target", PROMPT_POINTS, positivePoints=positive,
+                       negativePoints=negative)
+    first = segments.readSegment(case.segmentation, "target", case.volume)
+    nothing = case.logic.correctWithPoints(case.volume, case.segmentation, "target", positive, negative)
+    assert nothing["computed"] == 0 and "No new point" in nothing["note"]
+    top = int(np.flatnonzero(first.any(axis=(1, 2))).max())
+    s = top - 2
+    jj, ii = np.nonzero(first[s])
+    negative.AddControlPointWorld(vtk_point(case.world((ii.mean(), jj.mean(), s))))
+    summary = case.logic.correctWithPoints(case.volume, case.segmentation, "target", positive, negative)
+    assert summary["corrected"] == [s] and s in summary["drawn"]
+    second = segments.readSegment(case.segmentation, "target", case.volume)
+    assert not second[s:].any() and np.array_equal(second[:s - 1], first[:s - 1])
+    positive.AddControlPointWorld(vtk_point(case.world((ii.mean(), jj.mean(), s))))
+    case.logic.correctWithPoints(case.volume, case.segmentation, "target", positive, negative)
+    third = segments.readSegment(case.segmentation, "target", case.volume)
+    assert 2 * (third[s] & case.truth[s]).sum() / (third[s].sum() + case.truth[s].sum()) > 0.9
+    case.check()
+
+
 def test_template_mode_reads_the_prompt_on_another_volume():
     case = Case(SHIFT_R)
     template_image, template_truth = ball_image(SHAPE, IJK_TO_RAS, (IJK_TO_RAS @ [22, 38, 16, 1.0])[:3], RADIUS)

@@ -8,7 +8,7 @@ no other segment and no other node of the scene changes.
 """
 import logging
 import warnings
-from typing import Callable, Dict, Optional, Set, Tuple
+from typing import Callable, Dict, List, Optional, Set, Tuple
 
 import numpy as np
 
@@ -17,7 +17,7 @@ import slicer
 # The engine (OnePromptSegLib.session, .checkpoints, .settings) imports torch: it is imported where it is used, so that
 # Slicer loads the module, and offers to install PyTorch, before torch is there.
 from .messages import InputError, _
-from .promptnodes import PROMPT_MASK, buildPrompts
+from .promptnodes import PROMPT_MASK, buildPrompts, pointIds, pointsWorld
 from .segments import checkEditable, checkSegment, readSegment, writeSegment
 from .volumes import sliceAxis, volumeArray
 
@@ -42,6 +42,7 @@ class _Run:
         self.sliceRange = sliceRange
         self.drawn = set(drawn)  # slices the user drew or corrected: never overwritten
         self.written: Optional[np.ndarray] = None  # the segment (k, j, i) as it was right after our last write
+        self.usedPoints: Set[Tuple[str, str]] = set()  # (point list ID, control point ID) already taken into account
 
 
 def _changedSlices(current: np.ndarray, written: np.ndarray, axis: int) -> np.ndarray:
@@ -141,6 +142,9 @@ class PropagationLogic:
             for prompt in userPrompts:
                 session.add_prompt(prompt)
             run = _Run(session, volumeNode.GetID(), axis, direction, sliceRange, drawn)
+            # Points already there are the prompt (or unrelated): only points placed after the run correct it.
+            for node in (promptNodes.get("positivePoints"), promptNodes.get("negativePoints")):
+                run.usedPoints |= {(node.GetID(), i) for i in pointIds(node)} if node is not None else set()
             summary = self._propagateAndWrite(run, volumeNode, segmentationNode, segmentId, progressCallback,
                                               writer)
             self._runs[(segmentationNode.GetID(), segmentId)] = run
@@ -157,33 +161,92 @@ class PropagationLogic:
                 logging.warning(str(w.message))
         return messages
 
-    def repropagate(self, volumeNode, segmentationNode, segmentId: str,
-                    progressCallback: Optional[ProgressCallback] = None, writer: Optional[Writer] = None) -> dict:
-        """Correction loop: slices whose content differs from our last write (drawn, erased, or erased to empty)
-        become locked anchors and only the affected slices are recomputed."""
+    def _runFor(self, volumeNode, segmentationNode, segmentId: str) -> _Run:
         run = self._runs.get((segmentationNode.GetID() if segmentationNode else None, segmentId))
         if run is None or run.written is None or volumeNode is None or run.volumeNodeID != volumeNode.GetID():
             raise InputError(_("Nothing to re-propagate for this segment and volume yet: click 'Segment and "
                                "propagate' first."))
         checkSegment(segmentationNode, segmentId)
+        return run
+
+    def _takeUpEdits(self, run: _Run, volumeNode, segmentationNode, segmentId: str) -> List[int]:
+        """Slices whose content differs from our last write (drawn, erased, or erased to empty) become locked
+        anchors; returns them."""
         current = readSegment(segmentationNode, segmentId, volumeNode)
-        changed = _changedSlices(current, run.written, run.axis)
-        if not len(changed):
+        changed = [int(s) for s in _changedSlices(current, run.written, run.axis)]
+        for s in changed:
+            run.session.correct(s, np.take(current, s, 2 - run.axis) > 0)
+            run.drawn.add(s)
+        return changed
+
+    def repropagate(self, volumeNode, segmentationNode, segmentId: str,
+                    progressCallback: Optional[ProgressCallback] = None, writer: Optional[Writer] = None) -> dict:
+        """Correction loop: slices whose content differs from our last write (drawn, erased, or erased to empty)
+        become locked anchors and only the affected slices are recomputed."""
+        run = self._runFor(volumeNode, segmentationNode, segmentId)
+        changed = self._takeUpEdits(run, volumeNode, segmentationNode, segmentId)
+        if not changed:
             return {"computed": 0, "cancelled": False, "corrected": [], "axis": run.axis, "warnings": [],
                     "note": _("No corrected slice found: edit a slice of the segment first.")}
-        naxis = 2 - run.axis
-        for s in changed:
-            run.session.correct(int(s), np.take(current, int(s), naxis) > 0)
-            run.drawn.add(int(s))
+        return self._rerun(run, changed, volumeNode, segmentationNode, segmentId, progressCallback, writer)
+
+    def correctWithPoints(self, volumeNode, segmentationNode, segmentId: str, positivePoints=None,
+                          negativePoints=None, progressCallback: Optional[ProgressCallback] = None,
+                          writer: Optional[Writer] = None) -> dict:
+        """Click corrections of a shown result: the points placed since the run (positive: a part the result
+        missed, negative: a part it wrongly holds) refine their slices (``PropagationSession.refine_slice``), which
+        become locked anchors, and only the affected slices are recomputed.  Slices edited by hand meanwhile are
+        taken up as corrections too."""
+        from OnePromptSegLib.geometry import ras_to_ijk
+        from OnePromptSegLib.prompts import Click
+        run = self._runFor(volumeNode, segmentationNode, segmentId)
+        image, ijkToWorld, _spacing = volumeArray(volumeNode)
+        points, labels, keys = [], [], []
+        for node, label in ((positivePoints, 1), (negativePoints, 0)):
+            if node is None:
+                continue
+            for pointId, position in zip(pointIds(node), pointsWorld(node)):
+                if (node.GetID(), pointId) not in run.usedPoints:
+                    points.append(position)
+                    labels.append(label)
+                    keys.append((node.GetID(), pointId))
+        if not points:
+            return {"computed": 0, "cancelled": False, "corrected": [], "axis": run.axis, "warnings": [],
+                    "note": _("No new point: place a point on a part to add (positive) or to remove (negative).")}
+        ijk = np.atleast_2d(ras_to_ijk(np.array(points), ijkToWorld))
+        sizes = np.array(image.shape[::-1], dtype=float)
+        inside = ((ijk >= -0.5) & (ijk <= sizes - 0.5)).all(axis=1)
+        if not inside.any():
+            raise InputError(_("The new points lie outside the volume: place them on the image."))
+        changed = self._takeUpEdits(run, volumeNode, segmentationNode, segmentId)
+        bySlice: Dict[int, list] = {}
+        for p, label in zip(ijk[inside], np.array(labels)[inside]):
+            bySlice.setdefault(int(round(p[run.axis])), []).append((p, int(label)))  # as Click.from_ijk rounds
+        for s, items in sorted(bySlice.items()):
+            clicks = Click.from_ijk([p for p, _l in items], [label for _p, label in items], run.axis)
+            run.session.refine_slice(s, clicks)
+            run.drawn.add(s)
+        run.usedPoints |= set(keys)
+        return self._rerun(run, sorted(set(changed) | set(bySlice)), volumeNode, segmentationNode, segmentId,
+                           progressCallback, writer, refined=set(bySlice))
+
+    def _rerun(self, run: _Run, corrected: List[int], volumeNode, segmentationNode, segmentId: str,
+               progressCallback: Optional[ProgressCallback], writer: Optional[Writer], refined: Set[int] = frozenset()
+               ) -> dict:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            summary = self._propagateAndWrite(run, volumeNode, segmentationNode, segmentId, progressCallback, writer)
-        summary["corrected"] = [int(s) for s in changed]
+            summary = self._propagateAndWrite(run, volumeNode, segmentationNode, segmentId, progressCallback, writer,
+                                              refined)
+        summary["corrected"] = [int(s) for s in corrected]
         summary["warnings"] = self._userWarnings(caught)
         return summary
 
     def _propagateAndWrite(self, run: _Run, volumeNode, segmentationNode, segmentId: str,
-                           progressCallback: Optional[ProgressCallback], writer: Optional[Writer]) -> dict:
+                           progressCallback: Optional[ProgressCallback], writer: Optional[Writer],
+                           refined: Set[int] = frozenset()) -> dict:
+        """Propagate, then write: computed slices and anchors replace the segment's slices, except slices the user
+        drew, which keep the segment's content; ``refined`` slices (drawn by click corrections in the session, not
+        in the segment) are written too."""
         computed, cancelled = [], False
         adapting = run.session.adapt()  # test-time adaptation to the drawn slices, when the checkpoint asks for it
         try:
@@ -207,7 +270,8 @@ class PropagationLogic:
         from OnePromptSegLib.session import merge_into
         self._checkStillThere(volumeNode, segmentationNode, segmentId)
         current = readSegment(segmentationNode, segmentId, volumeNode)
-        merged = merge_into(current, run.session.result, run.axis, set(computed) | set(run.session.anchors), run.drawn)
+        merged = merge_into(current, run.session.result, run.axis, set(computed) | set(run.session.anchors),
+                            run.drawn - set(refined))
         (writer or self.writeSegment)(merged, volumeNode, segmentationNode, segmentId)
         run.written = readSegment(segmentationNode, segmentId, volumeNode)
         return {"computed": len(computed), "cancelled": cancelled, "axis": run.axis,

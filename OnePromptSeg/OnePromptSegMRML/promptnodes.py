@@ -21,17 +21,27 @@ PROMPT_SCRIBBLES = "Scribbles: painted foreground / background segments"
 PROMPT_TYPES = [PROMPT_MASK, PROMPT_POINTS, PROMPT_BOX, PROMPT_SCRIBBLES]
 
 
+def _definedPoints(markupsNode) -> List[int]:
+    """Indices of a point list's control points whose position is defined (placed, not being placed)."""
+    if markupsNode is None:
+        return []
+    return [i for i in range(markupsNode.GetNumberOfControlPoints())
+            if markupsNode.GetNthControlPointPositionStatus(i) == slicer.vtkMRMLMarkupsNode.PositionDefined]
+
+
 def pointsWorld(markupsNode) -> np.ndarray:
     """(N, 3) world positions of a point list's defined control points (none for no node)."""
     points = []
-    if markupsNode is not None:
-        for i in range(markupsNode.GetNumberOfControlPoints()):
-            if markupsNode.GetNthControlPointPositionStatus(i) != slicer.vtkMRMLMarkupsNode.PositionDefined:
-                continue
-            p = [0.0, 0.0, 0.0]
-            markupsNode.GetNthControlPointPositionWorld(i, p)
-            points.append(p)
+    for i in _definedPoints(markupsNode):
+        p = [0.0, 0.0, 0.0]
+        markupsNode.GetNthControlPointPositionWorld(i, p)
+        points.append(p)
     return np.array(points, dtype=float).reshape(-1, 3)
+
+
+def pointIds(markupsNode) -> List[str]:
+    """The control point IDs of ``pointsWorld``'s points, in the same order (stable when points are removed)."""
+    return [markupsNode.GetNthControlPointID(i) for i in _definedPoints(markupsNode)]
 
 
 def _insideVolume(ijk: np.ndarray, shape_kji: Tuple[int, ...]) -> np.ndarray:
