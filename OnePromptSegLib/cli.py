@@ -3,6 +3,8 @@
     onepromptseg propagate IMAGE -o OUT [--prompt-mask MASK [--label N] [--slices S1,S2]] [--click I,J,K[,neg]]...
                  [--box A0,B0,A1,B1,S]... [--scribble SCRIBBLE_MASK] [--axis i|j|k] [--device auto|cpu|cuda]
                  [--model NAME_OR_PATH] [--ssim-threshold T] [--no-reprompt] [--preview PNG]
+    onepromptseg propagate IMAGE -o OUT --template-image T --template-mask TM [--template-label N]
+                 (template mode: another patient's annotated volume, registered to IMAGE, seeds it)
     onepromptseg demo [--out DIR]
     onepromptseg models
 
@@ -21,11 +23,12 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from .checkpoints import CheckpointError, DeviceFallbackWarning, list_models, load_model
-from .io import Volume, VolumeIOError, read_label_volume, read_volume, write_mask
+from .io import Volume, VolumeIOError, check_readable, check_writable, read_label_volume, read_volume, write_mask
 from .prompts import BBox, Click, Doodle, MaskPrompt, PromptError, ijk_axis, masks_from_label_volume, numpy_axis
 from .sample import dice, make_demo_volume
 from .session import PropagationSession
 from .settings import NO_FLOW, EngineSettings
+from .template import template_session
 
 
 class UsageError(ValueError):
@@ -233,19 +236,74 @@ def run_propagation(model, vol: Volume, prompts: List, axis: int, settings: Engi
     return sess.result
 
 
-def cmd_propagate(args: argparse.Namespace) -> int:
-    vol = read_volume(args.image)
+def check_propagate_args(args: argparse.Namespace) -> None:
+    """Every ``propagate`` argument checked before any work starts (issue 18): input paths readable, output and
+    preview names writable with a known extension, prompts parseable, numbers in their ranges.  Raises UsageError,
+    VolumeIOError or PromptError (exit 2, one line, nothing written)."""
+    check_readable(args.image, "image")
+    for option in ("prompt_mask", "scribble", "template_image", "template_mask"):
+        if getattr(args, option):
+            check_readable(getattr(args, option), "--" + option.replace("_", "-"))
+    check_writable(args.output, what="-o")
+    if args.preview:
+        check_writable(args.preview, (".png",), "--preview")
     axis = ijk_axis(args.axis)
-    if args.output.endswith("/") or os.path.isdir(args.output):
-        raise UsageError(f"-o {args.output}: give an output file name (.nii.gz, .nrrd or .seg.nrrd)")
-    out_dir = os.path.dirname(os.path.abspath(args.output))
-    if not os.path.isdir(out_dir):
-        raise UsageError(f"-o {args.output}: folder {out_dir} does not exist")
-    prompts = build_prompts(args, vol)
+    for option in ("label", "template_label"):
+        if getattr(args, option) is not None and getattr(args, option) < 1:
+            raise UsageError(f"--{option.replace('_', '-')} {getattr(args, option)}: labels are 1 or more")
+    if bool(args.template_image) != bool(args.template_mask):
+        raise UsageError("--template-image and --template-mask go together: the template patient's image and its "
+                         "label volume")
+    if args.template_label is not None and not args.template_mask:
+        raise UsageError("--template-label picks a label of --template-mask: give --template-mask too")
+    own = [o for o in ("prompt_mask", "click", "box", "scribble") if getattr(args, o)]
+    if args.template_image and own:
+        raise UsageError(f"--template-image seeds a volume that has no prompt of its own: drop --"
+                         f"{own[0].replace('_', '-')} or the template")
+    if not own and not args.template_image:
+        raise UsageError("no prompt given: use --prompt-mask, --click, --box, --scribble or --template-image")
+    if args.slices:
+        parse_slices(args.slices)
+    for c in args.click or []:
+        parse_click(c)
+    for b in args.box or []:
+        parse_box(b, axis)
+    if args.template_anchors < 1:
+        raise UsageError(f"--template-anchors {args.template_anchors}: give 1 or more")
+    settings_from_args(None, args).check()
+
+
+def run_template(model, vol: Volume, args: argparse.Namespace, settings: EngineSettings,
+                 progress: Optional[Progress] = None) -> np.ndarray:
+    """Register ``--template-image`` to ``vol``, seed from its warped ``--template-mask`` and propagate."""
+    template = read_volume(args.template_image)
+    labels = read_label_volume(args.template_mask, template)
+    structure = labels == args.template_label if args.template_label is not None else labels != 0
+    if not structure.any():
+        which = f"label {args.template_label}" if args.template_label is not None else "foreground"
+        raise PromptError(f"{args.template_mask}: no voxels of {which}; pick the template's structure with "
+                          "--template-label")
+    if progress:
+        progress.stream.write("registering the template to the image ...\n")
+    session, _ = template_session(model, vol, template, structure, args.axis, settings,
+                                  anchors=args.template_anchors)
+    for r in session.propagate(args.direction):
+        if progress:
+            progress.update(r.done, r.total)
+    return session.result
+
+
+def cmd_propagate(args: argparse.Namespace) -> int:
+    check_propagate_args(args)
+    axis = ijk_axis(args.axis)
     model = load_model(args.model, args.device)
-    settings = settings_from_args(model, args)
-    mask = run_propagation(model, vol, prompts, axis, settings, args.direction,
-                           None if args.quiet else Progress("propagating"))
+    settings = settings_from_args(model, args).check()
+    vol = read_volume(args.image)
+    progress = None if args.quiet else Progress("propagating")
+    if args.template_image:
+        mask = run_template(model, vol, args, settings, progress)
+    else:
+        mask = run_propagation(model, vol, build_prompts(args, vol), axis, settings, args.direction, progress)
     write_mask(mask, vol, args.output)
     if args.preview:
         write_preview(args.preview, vol.array, mask, axis)
@@ -307,6 +365,14 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--box", action="append", metavar="A0,B0,A1,B1,S",
                    help="a box: corners in the two in-plane axes (i,j for axis k) and the slice index; repeatable")
     p.add_argument("--scribble", help="label volume of strokes: 1 foreground, 2 background")
+    p.add_argument("--template-image", metavar="T",
+                   help="template mode across patients: another patient's volume (any size, spacing, orientation), "
+                        "registered to IMAGE; its --template-mask structure seeds IMAGE, then the engine refines")
+    p.add_argument("--template-mask", metavar="TM",
+                   help="label volume on --template-image's grid: the structure, fully drawn or on some slices")
+    p.add_argument("--template-label", type=int, metavar="N", help="label value in --template-mask (default: any)")
+    p.add_argument("--template-anchors", type=int, default=1, metavar="N",
+                   help="slices of the registered template the engine starts from (default 1, the middle one)")
     p.add_argument("--axis", default="k", help="slice axis: i, j or k (default k)")
     p.add_argument("--direction", default="both", choices=["both", "forward", "backward"])
     p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu or cuda")

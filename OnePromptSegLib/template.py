@@ -1,6 +1,6 @@
 """Template mode across patients: one annotated patient (the template) seeds the segmentation of another (target).
 
-    reg = register_template(template, template_mask, target)            # SimpleITK: affine pyramid, then B-spline
+    reg = register_template(template, template_mask, target)            # SimpleITK: affine on a pyramid
     prior = warp_mask(template_mask, template, target, reg)               # the template's labels on the target grid
     sess = PropagationSession(model); sess.set_volume(target.array, "k", target.spacing)
     anchors = seed_from_prior(sess, prior)                                # its most trustworthy slices, anchored
@@ -12,25 +12,28 @@ A 3D registration of the whole template volume finds where and roughly what shap
 does well, following the target's own boundaries from slices it is given.
 
 The registration is SimpleITK's framework (``ImageRegistrationMethod``): Mattes mutual information (the two patients'
-intensities differ, even between MRIs of one protocol), a centred initialisation, an affine stage on a three-level
-pyramid, then a B-spline stage on two levels.  Both stages sample only a box around the template's structure (the
-moving-image mask), so the structure is what gets aligned, not the field of view.  Images may differ in size, spacing,
-orientation and origin: everything is in physical (LPS) space.
+intensities differ, even between MRIs of one protocol), the two fields of view centred on each other, then an affine
+stage on a three-level pyramid.  It samples only a box around the template's structure (the moving-image mask,
+grown by ``roi_margin_mm``), so the structure and its surroundings are what gets aligned, not the whole field of view.
+Images may differ in size, spacing, orientation and origin: everything is in physical (LPS) space.  A B-spline stage
+after the affine one and an exhaustive search of shifts before it were measured and dropped (docs/BENCHMARKS.md).
 
-``progress`` callbacks receive (stage name, iteration) and return False to cancel: the registration stops and
+``progress`` callbacks receive (pyramid level, iteration) and return False to cancel: the registration stops and
 :class:`Cancelled` is raised (the Slicer module's cancel button).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from .io import Volume, _sitk
-from .prompts import MaskPrompt, PromptError
+from .prompts import AxisLike, PromptError
+from .session import PropagationSession
+from .settings import EngineSettings
 
-#: called as progress(stage, iteration); returning False cancels
+#: called as progress(pyramid level 0..2, iteration) at each optimiser iteration; returning False cancels
 ProgressCallback = Callable[[str, int], bool]
 
 
@@ -42,15 +45,9 @@ class Cancelled(Exception):
 class RegistrationSettings:
     """How the template is registered to the target (defaults measured on the eval/train cross-patient pairs)."""
 
-    deformable: bool = True  #: the B-spline stage after the affine one
-    affine_iterations: int = 200
-    bspline_iterations: int = 60
-    bspline_spacing_mm: float = 40.0  #: B-spline control point spacing
+    iterations: int = 200  #: per pyramid level
     samples: int = 40000  #: voxels sampled by the metric at full resolution (random, seeded: reproducible)
-    search_mm: float = 60.0  #: exhaustive search of in-plane shifts up to this before the affine stage (0: none)
-    search_step_mm: float = 10.0
-    initializer: str = "geometry"
-    roi_margin_mm: float = 30.0  #: the metric samples the template structure's bounding box grown by this
+    roi_margin_mm: float = 60.0  #: the metric samples the template structure's bounding box grown by this
 
 
 def _float_image(volume: Volume):
@@ -71,69 +68,20 @@ def _roi_mask(volume: Volume, mask: np.ndarray, margin_mm: float):
     return volume.to_sitk(roi)
 
 
-def _method(settings: RegistrationSettings, roi, stage: str, progress: Optional[ProgressCallback], fixed):
-    """An ImageRegistrationMethod with the shared metric, sampling and cancel hook."""
-    sitk = _sitk()
-    reg = sitk.ImageRegistrationMethod()
-    reg.SetMetricAsMattesMutualInformation(numberOfHistogramBins=32)
-    reg.SetMetricSamplingStrategy(reg.RANDOM)
-    n = float(np.prod(fixed.GetSize()))
-    reg.SetMetricSamplingPercentage(min(1.0, settings.samples / n), seed=1)
-    reg.SetMetricMovingMask(roi)
-    reg.SetInterpolator(sitk.sitkLinear)
-    if progress is not None:
-        def step() -> None:
-            if progress(stage, reg.GetOptimizerIteration()) is False:
-                reg.StopRegistration()
-                cancelled.append(True)
-        cancelled: List[bool] = []
-        reg.AddCommand(sitk.sitkIterationEvent, step)
-        reg.cancelled = cancelled  # read back by _run
-    return reg
-
-
-def _run(reg, fixed, moving):
-    transform = reg.Execute(fixed, moving)
-    if getattr(reg, "cancelled", None):
-        raise Cancelled("registration cancelled")
-    return transform
-
-
 def _levels(fixed, factors: Sequence[int]) -> List[int]:
     """Shrink factors that never reduce the image's thinnest side below 4 voxels (a 6-slice cine MRI)."""
     thin = min(fixed.GetSize())
     return [max(1, min(f, thin // 4)) for f in factors]
 
 
-def _search_translation(fixed, moving, roi, init, settings: RegistrationSettings,
-                        progress: Optional[ProgressCallback]):
-    """``init`` with the in-plane shift (every ``search_step_mm`` up to ``search_mm``) that maximises the metric: the
-    gradient stages only find a structure that already overlaps its counterpart, and two patients' fields of view
-    place the same organ tens of millimetres apart."""
-    sitk = _sitk()
-    shift = sitk.TranslationTransform(3)
-    reg = _method(settings, roi, "search", progress, fixed)
-    n = int(settings.search_mm // settings.search_step_mm)
-    reg.SetOptimizerAsExhaustive([n, n, 0])
-    reg.SetOptimizerScales([settings.search_step_mm] * 3)
-    reg.SetShrinkFactorsPerLevel(_levels(fixed, [4]))
-    reg.SetSmoothingSigmasPerLevel([2.0])
-    reg.SmoothingSigmasAreSpecifiedInPhysicalUnitsOn()
-    reg.SetMovingInitialTransform(init)
-    reg.SetInitialTransform(shift, inPlace=True)
-    _run(reg, fixed, moving)
-    out = sitk.AffineTransform(init)
-    out.SetTranslation(np.add(init.GetTranslation(), shift.GetOffset()).tolist())
-    return out
-
-
 def register_template(template: Volume, template_mask: np.ndarray, target: Volume,
                       settings: Optional[RegistrationSettings] = None,
                       progress: Optional[ProgressCallback] = None):
-    """The transform (target physical point -> template physical point) that carries ``template``'s structure
+    """The affine transform (target physical point -> template physical point) that carries ``template``'s structure
     (``template_mask``, non-zero voxels on the template's grid) onto ``target``.
 
-    Raises PromptError for an empty mask and :class:`Cancelled` when ``progress`` returns False.
+    Raises PromptError for an empty mask or a mask off the template's grid, :class:`Cancelled` when ``progress``
+    returns False.
     """
     sitk = _sitk()
     settings = settings or RegistrationSettings()
@@ -144,36 +92,33 @@ def register_template(template: Volume, template_mask: np.ndarray, target: Volum
     if not mask.any():
         raise PromptError("the template mask is empty: nothing to carry to the target")
     fixed, moving = _float_image(target), _float_image(template)
-    roi = _roi_mask(template, mask, settings.roi_margin_mm)
-    init = sitk.CenteredTransformInitializer(fixed, moving, sitk.AffineTransform(3),
-                                             getattr(sitk.CenteredTransformInitializerFilter, settings.initializer.upper()))
-    if settings.search_mm > 0:
-        init = _search_translation(fixed, moving, roi, init, settings, progress)
-    reg = _method(settings, roi, "affine", progress, fixed)
+    reg = sitk.ImageRegistrationMethod()
+    reg.SetMetricAsMattesMutualInformation(numberOfHistogramBins=32)
+    reg.SetMetricSamplingStrategy(reg.RANDOM)
+    reg.SetMetricSamplingPercentage(min(1.0, settings.samples / float(np.prod(fixed.GetSize()))), seed=1)
+    reg.SetMetricMovingMask(_roi_mask(template, mask, settings.roi_margin_mm))
+    reg.SetInterpolator(sitk.sitkLinear)
     reg.SetOptimizerAsRegularStepGradientDescent(learningRate=1.0, minStep=1e-3,
-                                                 numberOfIterations=settings.affine_iterations,
+                                                 numberOfIterations=settings.iterations,
                                                  gradientMagnitudeTolerance=1e-6)
     reg.SetOptimizerScalesFromPhysicalShift()
     reg.SetShrinkFactorsPerLevel(_levels(fixed, [4, 2, 1]))
     reg.SetSmoothingSigmasPerLevel([2.0, 1.0, 0.0])
     reg.SmoothingSigmasAreSpecifiedInPhysicalUnitsOn()
-    reg.SetInitialTransform(init, inPlace=False)
-    affine = _run(reg, fixed, moving)
-    if not settings.deformable:
-        return affine
-    extent = [sz * sp for sz, sp in zip(fixed.GetSize(), fixed.GetSpacing())]
-    mesh = [max(1, int(round(e / settings.bspline_spacing_mm))) for e in extent]
-    bspline = sitk.BSplineTransformInitializer(fixed, mesh, order=3)
-    reg = _method(settings, roi, "deformable", progress, fixed)
-    reg.SetOptimizerAsLBFGSB(gradientConvergenceTolerance=1e-5, numberOfIterations=settings.bspline_iterations,
-                             maximumNumberOfCorrections=5, maximumNumberOfFunctionEvaluations=4 * settings.bspline_iterations)
-    reg.SetShrinkFactorsPerLevel(_levels(fixed, [2, 1]))
-    reg.SetSmoothingSigmasPerLevel([1.0, 0.0])
-    reg.SmoothingSigmasAreSpecifiedInPhysicalUnitsOn()
-    reg.SetMovingInitialTransform(affine)
-    reg.SetInitialTransform(bspline, inPlace=True)
-    _run(reg, fixed, moving)
-    return sitk.CompositeTransform([affine, bspline])
+    reg.SetInitialTransform(sitk.CenteredTransformInitializer(fixed, moving, sitk.AffineTransform(3),
+                                                              sitk.CenteredTransformInitializerFilter.GEOMETRY),
+                            inPlace=False)
+    cancelled: List[bool] = []
+    if progress is not None:
+        def step() -> None:
+            if progress(reg.GetCurrentLevel(), reg.GetOptimizerIteration()) is False:
+                cancelled.append(True)
+                reg.StopRegistration()
+        reg.AddCommand(sitk.sitkIterationEvent, step)
+    transform = reg.Execute(fixed, moving)
+    if cancelled:
+        raise Cancelled("registration cancelled")
+    return transform
 
 
 def warp_mask(template_mask: np.ndarray, template: Volume, target: Volume, transform) -> np.ndarray:
@@ -186,8 +131,8 @@ def warp_mask(template_mask: np.ndarray, template: Volume, target: Volume, trans
     return sitk.GetArrayFromImage(warped)
 
 
-def seed_from_prior(session, prior: np.ndarray, anchors: int = 1) -> List[int]:
-    """Anchor ``session`` (a :class:`~OnePromptSegLib.session.PropagationSession` over the target) on the warped
+def seed_from_prior(session: PropagationSession, prior: np.ndarray, anchors: int = 1) -> List[int]:
+    """Anchor ``session`` (over the target volume) on the warped
     template's most trustworthy slices; returns them.
 
     Trustworthy = near the middle of the structure's extent along the slice axis, where the registration has most
@@ -207,3 +152,22 @@ def seed_from_prior(session, prior: np.ndarray, anchors: int = 1) -> List[int]:
     for s in picks:
         session.add_seed(s, np.take(inside, s, axis=a), 1.0)
     return picks
+
+
+def template_session(model, target: Volume, template: Volume, template_mask: np.ndarray, axis: AxisLike = "k",
+                     settings: Optional[EngineSettings] = None,
+                     registration: Optional[RegistrationSettings] = None, anchors: int = 1,
+                     progress: Optional[ProgressCallback] = None) -> Tuple[PropagationSession, np.ndarray]:
+    """A :class:`PropagationSession` over ``target`` seeded from ``template`` and its structure ``template_mask``
+    (non-zero voxels on the template's grid, the whole structure or only some drawn slices of it): registered,
+    warped, and anchored on the warped labels' ``anchors`` most trustworthy slices.  Iterate its ``propagate()``
+    for the result (per-slice progress; stop iterating to cancel).  ``progress`` sees the registration's iterations
+    and cancels it by returning False (:class:`Cancelled`).  Returns the session and the warped template labels
+    ((k, j, i) probabilities on the target's grid: registration alone, to show or compare).
+    """
+    transform = register_template(template, template_mask, target, registration, progress)
+    prior = warp_mask(template_mask, template, target, transform)
+    session = PropagationSession(model, settings)
+    session.set_volume(target.array, axis, target.spacing)
+    seed_from_prior(session, prior, anchors)
+    return session, prior
