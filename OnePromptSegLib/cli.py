@@ -5,6 +5,8 @@
                  [--model NAME_OR_PATH] [--ssim-threshold T] [--no-reprompt] [--preview PNG]
     onepromptseg propagate IMAGE -o OUT --template-image T --template-mask TM [--template-label N]
                  (template mode: another patient's annotated volume, registered to IMAGE, seeds it)
+    onepromptseg cohort CASES.csv --out-dir DIR [--template-image T --template-mask TM [--template-label N]]
+                 [--workers N] [--scheduler ADDRESS|local]   (resumable; DIR/cohort.csv; status 1 if a case failed)
     onepromptseg demo [--out DIR]
     onepromptseg models
 
@@ -314,6 +316,64 @@ def cmd_propagate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_cohort(args: argparse.Namespace) -> int:
+    """``onepromptseg cohort``: every case of CASES.csv (``OnePromptSegLib.cohort``); status 1 when a case failed."""
+    from .checkpoints import checkpoint_id
+    from .cohort import Job, read_cases, run_cohort
+
+    out_dir = os.path.abspath(args.out_dir)
+    parent = out_dir if os.path.isdir(out_dir) else os.path.dirname(out_dir)
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise UsageError(f"--out-dir {args.out_dir}: is a file; give a folder")
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"--out-dir {args.out_dir}: folder {parent} does not exist or is not writable")
+    if bool(args.template_image) != bool(args.template_mask):
+        raise UsageError("--template-image and --template-mask go together")
+    for option in ("template_image", "template_mask"):
+        if getattr(args, option):
+            check_readable(getattr(args, option), "--" + option.replace("_", "-"))
+    if args.template_label is not None and args.template_label < 1:
+        raise UsageError(f"--template-label {args.template_label}: labels are 1 or more")
+    if args.workers < 1 or args.template_anchors < 1:
+        raise UsageError("--workers and --template-anchors take 1 or more")
+    ijk_axis(args.axis)
+    overrides = EngineSettings.parse(args.set)
+    EngineSettings(**overrides).check()
+    if args.workers > 1 or args.scheduler:
+        try:
+            import dask.distributed  # noqa: F401  (checked now: not after the first cases)
+        except ImportError:
+            raise UsageError("--workers N > 1 and --scheduler run on Dask: pip install 'dask[distributed]'") from None
+    checkpoint_id(args.model)  # an unknown model name fails here
+    job = Job(model=args.model, device=args.device, settings=overrides, axis=args.axis,
+              template_image=args.template_image and os.path.abspath(args.template_image),
+              template_mask=args.template_mask and os.path.abspath(args.template_mask),
+              template_label=args.template_label, template_anchors=args.template_anchors)
+    cases = read_cases(args.cases, out_dir, job)
+    from tqdm import tqdm
+
+    bars: List = []
+
+    def start(todo: int, before: int) -> None:
+        if not args.quiet:
+            print(f"{len(cases)} cases: {before} done before, {todo} to run", file=sys.stderr)
+        bars.append(tqdm(total=todo, unit="case", disable=args.quiet, file=sys.stderr))
+
+    def step(row: Dict, done: int, todo: int) -> None:
+        bars[0].update(1)
+        if row["status"] != "ok":
+            bars[0].write(f"{row['case']}: {row.get('error')}", file=sys.stderr)
+
+    rows = run_cohort(cases, job, out_dir, args.workers, args.scheduler, start, step)
+    if bars:
+        bars[0].close()
+    failed = sum(1 for r in rows if r["status"] == "failed")
+    if not args.quiet:
+        print(f"{len(rows) - failed} of {len(rows)} cases segmented, {failed} failed; summary in "
+              f"{os.path.join(args.out_dir, 'cohort.csv')}", file=sys.stderr)
+    return 1 if failed else 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     img, truth, spacing = make_demo_volume()
     vol = Volume(img, spacing, (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1), None)
@@ -389,6 +449,29 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--preview", help="write a PNG montage of the result")
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=cmd_propagate)
+    c = sub.add_parser("cohort", help="segment every volume listed in a CSV (resumable, parallel, Dask)",
+                       description="Segment one structure in every volume of CASES.csv. Columns: image (required), "
+                       "prompt_mask, label, slices, output (relative paths: from the CSV's folder; output from "
+                       "--out-dir). A case without a prompt_mask is seeded from --template-image. A rerun skips "
+                       "cases already done with the same inputs and settings (sha256). Writes DIR/cohort.csv; exit "
+                       "status 1 when a case failed.")
+    c.add_argument("cases", help="CSV with a header row")
+    c.add_argument("--out-dir", required=True, help="folder of the masks and of cohort.csv")
+    c.add_argument("--template-image", help="another patient's volume, registered to each case without a prompt")
+    c.add_argument("--template-mask", help="its label volume (on --template-image's grid)")
+    c.add_argument("--template-label", type=int, help="label value in --template-mask (default: any)")
+    c.add_argument("--template-anchors", type=int, default=1, help="slices of the registered template to start from")
+    c.add_argument("--workers", type=int, default=1,
+                   help="worker processes on this machine (more than 1: a local Dask cluster; default 1, in-process)")
+    c.add_argument("--scheduler", metavar="ADDRESS",
+                   help="run on an existing Dask distributed cluster (tcp://host:8786), or 'local' for a local "
+                        "cluster of --workers processes")
+    c.add_argument("--axis", default="k", help="slice axis: i, j or k (default k)")
+    c.add_argument("--device", default="auto", help="auto (each worker's GPU if it has one), cpu or cuda")
+    c.add_argument("--model", default=None, help="checkpoint name or file path")
+    c.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="any engine setting")
+    c.add_argument("-q", "--quiet", action="store_true")
+    c.set_defaults(func=cmd_cohort)
     d = sub.add_parser("demo", help="run the whole path on a generated volume and print Dice")
     d.add_argument("--out", default="demo_output")
     d.add_argument("--device", default="auto")
