@@ -163,13 +163,24 @@ _LOADED: Dict[Tuple[Optional[str], str], object] = {}  #: one model per worker p
 
 
 def _model(job: Job):
+    """The worker's model, loaded once; torch's threads set to ``job.threads`` or, on a Dask worker, its threads
+    (the CPUs the cluster gave it), so that worker processes sharing a machine do not oversubscribe it."""
     import torch
 
     from .checkpoints import load_model
 
     key = (job.model, job.device)
     if key not in _LOADED:
-        torch.set_num_threads(job.threads or max(1, (os.cpu_count() or 1)))
+        threads = job.threads
+        if threads is None:
+            try:
+                from distributed import get_worker
+
+                threads = get_worker().state.nthreads
+            except (ImportError, ValueError):  # in-process: torch's own default
+                pass
+        if threads:
+            torch.set_num_threads(int(threads))
         _LOADED[key] = load_model(job.model, job.device)
     return _LOADED[key]
 
