@@ -265,6 +265,8 @@ def check_propagate_args(args: argparse.Namespace) -> None:
     if not own and not args.template_image:
         raise UsageError("no prompt given: use --prompt-mask, --click, --box, --scribble or --template-image")
     if args.slices:
+        if not args.prompt_mask:
+            raise UsageError("--slices names drawn slices of --prompt-mask: give --prompt-mask too")
         parse_slices(args.slices)
     for c in args.click or []:
         parse_click(c)

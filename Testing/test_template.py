@@ -83,6 +83,7 @@ def test_cli_template_mode(pair, tmp_path, capsys):
     (["--template-image", "IMG", "--template-mask", "IMG"], "drop --click"),
     (["--template-mask", "nope.nii.gz"], "nope.nii.gz: no such file"),
     (["--box", "1,2,3"], "expected 5"),
+    (["--slices", "3"], "give --prompt-mask too"),
 ])
 def test_every_argument_checked_before_any_work(tmp_path, capsys, monkeypatch, extra, message):
     """Bad values exit 2 with one line before the model, the image or anything else is loaded."""
