@@ -24,14 +24,18 @@ after the affine one and an exhaustive search of shifts before it were measured 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from .checkpoints import LoadedModel
 from .io import Volume, _sitk
 from .prompts import AxisLike, PromptError
 from .session import PropagationSession
 from .settings import EngineSettings
+
+if TYPE_CHECKING:
+    import SimpleITK as sitk
 
 #: called as progress(pyramid level 0..2, iteration) at each optimiser iteration; returning False cancels
 ProgressCallback = Callable[[str, int], bool]
@@ -43,7 +47,7 @@ class Cancelled(Exception):
 
 @dataclass
 class RegistrationSettings:
-    """How the template is registered to the target (defaults measured on the eval/train cross-patient pairs)."""
+    """How the template is registered to the target (defaults measured on eval's cross-patient pairs)."""
 
     iterations: int = 200  #: per pyramid level
     samples: int = 40000  #: voxels sampled by the metric at full resolution (random, seeded: reproducible)
@@ -76,7 +80,7 @@ def _levels(fixed, factors: Sequence[int]) -> List[int]:
 
 def register_template(template: Volume, template_mask: np.ndarray, target: Volume,
                       settings: Optional[RegistrationSettings] = None,
-                      progress: Optional[ProgressCallback] = None):
+                      progress: Optional[ProgressCallback] = None) -> "sitk.Transform":
     """The affine transform (target physical point -> template physical point) that carries ``template``'s structure
     (``template_mask``, non-zero voxels on the template's grid) onto ``target``.
 
@@ -121,7 +125,7 @@ def register_template(template: Volume, template_mask: np.ndarray, target: Volum
     return transform
 
 
-def warp_mask(template_mask: np.ndarray, template: Volume, target: Volume, transform) -> np.ndarray:
+def warp_mask(template_mask: np.ndarray, template: Volume, target: Volume, transform: "sitk.Transform") -> np.ndarray:
     """``template_mask`` (non-zero = inside, template grid) carried onto ``target``'s grid: (k, j, i) probabilities
     in [0, 1] (linear interpolation of the binary mask, so its 0.5 level is a smooth outline, not voxel steps)."""
     sitk = _sitk()
@@ -132,8 +136,7 @@ def warp_mask(template_mask: np.ndarray, template: Volume, target: Volume, trans
 
 
 def seed_from_prior(session: PropagationSession, prior: np.ndarray, anchors: int = 1) -> List[int]:
-    """Anchor ``session`` (over the target volume) on the warped
-    template's most trustworthy slices; returns them.
+    """Anchor ``session`` (over the target volume) on the warped template's most trustworthy slices; returns them.
 
     Trustworthy = near the middle of the structure's extent along the slice axis, where the registration has most
     of the structure around it to align; the ends (where a structure appears or vanishes between two patients at
@@ -154,8 +157,8 @@ def seed_from_prior(session: PropagationSession, prior: np.ndarray, anchors: int
     return picks
 
 
-def template_session(model, target: Volume, template: Volume, template_mask: np.ndarray, axis: AxisLike = "k",
-                     settings: Optional[EngineSettings] = None,
+def template_session(model: LoadedModel, target: Volume, template: Volume, template_mask: np.ndarray,
+                     axis: AxisLike = "k", settings: Optional[EngineSettings] = None,
                      registration: Optional[RegistrationSettings] = None, anchors: int = 1,
                      progress: Optional[ProgressCallback] = None) -> Tuple[PropagationSession, np.ndarray]:
     """A :class:`PropagationSession` over ``target`` seeded from ``template`` and its structure ``template_mask``
