@@ -241,6 +241,17 @@ def _find_entry(name_or_path: Optional[str], manifest_path: Optional[str]) -> Tu
                           "pass a name or a file path")
 
 
+def checkpoint_id(name_or_path: Optional[str] = None, manifest_path: Optional[str] = None) -> str:
+    """The sha256 of a checkpoint (by manifest name, None = default, or path): what a result depends on, so that a
+    cohort rerun with other weights redoes its cases."""
+    entry, path = _find_entry(name_or_path, manifest_path)
+    if entry.get("sha256"):
+        return entry["sha256"]
+    if not os.path.exists(path):
+        raise CheckpointError(f"checkpoint file {path} is missing")
+    return sha256_file(path)
+
+
 def load_model(name_or_path: Optional[str] = None, device: str = "auto", manifest_path: Optional[str] = None,
                expected_sha256: Optional[str] = None) -> LoadedModel:
     """Verify and load a checkpoint by manifest name (None = default) or path, onto ``device``.

@@ -4,6 +4,10 @@
                  [--box A0,B0,A1,B1,S]... [--scribble SCRIBBLE_MASK] [--axis i|j|k] [--device auto|cpu|cuda]
                  [--model NAME_OR_PATH] [--ssim-threshold T] [--no-reprompt] [--preview PNG]
                  [--result EARLIER_OUT]    # then the --click points correct EARLIER_OUT
+    onepromptseg propagate IMAGE -o OUT --template-image T --template-mask TM [--template-label N]
+                 (template mode: another patient's annotated volume, registered to IMAGE, seeds it)
+    onepromptseg cohort CASES.csv --out-dir DIR [--template-image T --template-mask TM [--template-label N]]
+                 [--workers N] [--scheduler ADDRESS|local]   (resumable; DIR/cohort.csv; status 1 if a case failed)
     onepromptseg demo [--out DIR]
     onepromptseg models
 
@@ -22,11 +26,12 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from .checkpoints import CheckpointError, DeviceFallbackWarning, list_models, load_model
-from .io import Volume, VolumeIOError, read_label_volume, read_volume, write_mask
+from .io import Volume, VolumeIOError, check_readable, check_writable, read_label_volume, read_volume, write_mask
 from .prompts import BBox, Click, Doodle, MaskPrompt, PromptError, ijk_axis, masks_from_label_volume, numpy_axis
 from .sample import dice, make_demo_volume
 from .session import PropagationSession
 from .settings import NO_FLOW, EngineSettings
+from .template import template_session
 
 
 class UsageError(ValueError):
@@ -256,25 +261,87 @@ def run_propagation(model, vol: Volume, prompts: List, axis: int, settings: Engi
     return sess.result
 
 
-def cmd_propagate(args: argparse.Namespace) -> int:
-    vol = read_volume(args.image)
+def check_propagate_args(args: argparse.Namespace) -> None:
+    """Every ``propagate`` argument checked before any work starts (issue 18): input paths readable, output and
+    preview names writable with a known extension, prompts parseable, numbers in their ranges.  Raises UsageError,
+    VolumeIOError or PromptError (exit 2, one line, nothing written)."""
+    check_readable(args.image, "image")
+    for option in ("prompt_mask", "scribble", "template_image", "template_mask"):
+        if getattr(args, option):
+            check_readable(getattr(args, option), "--" + option.replace("_", "-"))
+    check_writable(args.output, what="-o")
+    if args.preview:
+        check_writable(args.preview, (".png",), "--preview")
     axis = ijk_axis(args.axis)
-    if args.output.endswith("/") or os.path.isdir(args.output):
-        raise UsageError(f"-o {args.output}: give an output file name (.nii.gz, .nrrd or .seg.nrrd)")
-    out_dir = os.path.dirname(os.path.abspath(args.output))
-    if not os.path.isdir(out_dir):
-        raise UsageError(f"-o {args.output}: folder {out_dir} does not exist")
-    prompts = build_prompts(args, vol)
-    earlier, corrections = None, []
+    for option in ("label", "template_label"):
+        if getattr(args, option) is not None and getattr(args, option) < 1:
+            raise UsageError(f"--{option.replace('_', '-')} {getattr(args, option)}: labels are 1 or more")
+    if bool(args.template_image) != bool(args.template_mask):
+        raise UsageError("--template-image and --template-mask go together: the template patient's image and its "
+                         "label volume")
+    if args.template_label is not None and not args.template_mask:
+        raise UsageError("--template-label picks a label of --template-mask: give --template-mask too")
+    own = [o for o in ("prompt_mask", "click", "box", "scribble") if getattr(args, o)]
+    if args.template_image and own:
+        raise UsageError(f"--template-image seeds a volume that has no prompt of its own: drop --"
+                         f"{own[0].replace('_', '-')} or the template")
+    if not own and not args.template_image:
+        raise UsageError("no prompt given: use --prompt-mask, --click, --box, --scribble or --template-image")
+    if args.slices:
+        if not args.prompt_mask:
+            raise UsageError("--slices names drawn slices of --prompt-mask: give --prompt-mask too")
+        parse_slices(args.slices)
+    for c in args.click or []:
+        parse_click(c)
+    for b in args.box or []:
+        parse_box(b, axis)
     if args.result:
-        earlier = read_label_volume(args.result, vol)
-        corrections = correction_clicks(args.click or [], axis)
-        if not corrections:
-            raise UsageError("--result: give the correction clicks with --click I,J,K[,neg]")
+        check_readable(args.result, "--result")
+        if args.template_image or not args.click:
+            raise UsageError("--result takes correction clicks (--click) on an earlier result of the same prompts")
+    if args.template_anchors < 1:
+        raise UsageError(f"--template-anchors {args.template_anchors}: give 1 or more")
+    settings_from_args(None, args).check()
+
+
+def run_template(model, vol: Volume, args: argparse.Namespace, settings: EngineSettings,
+                 progress: Optional[Progress] = None) -> np.ndarray:
+    """Register ``--template-image`` to ``vol``, seed from its warped ``--template-mask`` and propagate."""
+    template = read_volume(args.template_image)
+    labels = read_label_volume(args.template_mask, template)
+    structure = labels == args.template_label if args.template_label is not None else labels != 0
+    if not structure.any():
+        which = f"label {args.template_label}" if args.template_label is not None else "foreground"
+        raise PromptError(f"{args.template_mask}: no voxels of {which}; pick the template's structure with "
+                          "--template-label")
+    if progress:
+        progress.stream.write("registering the template to the image ...\n")
+    session, _ = template_session(model, vol, template, structure, args.axis, settings,
+                                  anchors=args.template_anchors)
+    for r in session.propagate(args.direction):
+        if progress:
+            progress.update(r.done, r.total)
+    return session.result
+
+
+def cmd_propagate(args: argparse.Namespace) -> int:
+    check_propagate_args(args)
+    axis = ijk_axis(args.axis)
     model = load_model(args.model, args.device)
-    settings = settings_from_args(model, args)
-    mask = run_propagation(model, vol, prompts, axis, settings, args.direction,
-                           None if args.quiet else Progress("propagating"), earlier, corrections)
+    settings = settings_from_args(model, args).check()
+    vol = read_volume(args.image)
+    progress = None if args.quiet else Progress("propagating")
+    if args.template_image:
+        mask = run_template(model, vol, args, settings, progress)
+    else:
+        prompts = build_prompts(args, vol)
+        earlier, corrections = None, []
+        if args.result:
+            earlier = read_label_volume(args.result, vol)
+            corrections = correction_clicks(args.click or [], axis)
+            if not corrections:
+                raise UsageError("--result: give the correction clicks with --click I,J,K[,neg]")
+        mask = run_propagation(model, vol, prompts, axis, settings, args.direction, progress, earlier, corrections)
     write_mask(mask, vol, args.output)
     if args.preview:
         write_preview(args.preview, vol.array, mask, axis)
@@ -283,6 +350,64 @@ def cmd_propagate(args: argparse.Namespace) -> int:
         print(f"wrote {args.output}: {int(mask.sum())} voxels on {int(mask.any(axis=in_plane).sum())} slices",
               file=sys.stderr)
     return 0
+
+
+def cmd_cohort(args: argparse.Namespace) -> int:
+    """``onepromptseg cohort``: every case of CASES.csv (``OnePromptSegLib.cohort``); status 1 when a case failed."""
+    from .checkpoints import checkpoint_id
+    from .cohort import Job, read_cases, run_cohort
+
+    out_dir = os.path.abspath(args.out_dir)
+    parent = out_dir if os.path.isdir(out_dir) else os.path.dirname(out_dir)
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise UsageError(f"--out-dir {args.out_dir}: is a file; give a folder")
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"--out-dir {args.out_dir}: folder {parent} does not exist or is not writable")
+    if bool(args.template_image) != bool(args.template_mask):
+        raise UsageError("--template-image and --template-mask go together")
+    for option in ("template_image", "template_mask"):
+        if getattr(args, option):
+            check_readable(getattr(args, option), "--" + option.replace("_", "-"))
+    if args.template_label is not None and args.template_label < 1:
+        raise UsageError(f"--template-label {args.template_label}: labels are 1 or more")
+    if args.workers < 1 or args.template_anchors < 1:
+        raise UsageError("--workers and --template-anchors take 1 or more")
+    ijk_axis(args.axis)
+    overrides = EngineSettings.parse(args.set)
+    EngineSettings(**overrides).check()
+    if args.workers > 1 or args.scheduler:
+        try:
+            import dask.distributed  # noqa: F401  (checked now: not after the first cases)
+        except ImportError:
+            raise UsageError("--workers N > 1 and --scheduler run on Dask: pip install 'dask[distributed]'") from None
+    checkpoint_id(args.model)  # an unknown model name fails here
+    job = Job(model=args.model, device=args.device, settings=overrides, axis=args.axis,
+              template_image=args.template_image and os.path.abspath(args.template_image),
+              template_mask=args.template_mask and os.path.abspath(args.template_mask),
+              template_label=args.template_label, template_anchors=args.template_anchors)
+    cases = read_cases(args.cases, out_dir, job)
+    from tqdm import tqdm
+
+    bars: List = []
+
+    def start(todo: int, before: int) -> None:
+        if not args.quiet:
+            print(f"{len(cases)} cases: {before} done before, {todo} to run", file=sys.stderr)
+        bars.append(tqdm(total=todo, unit="case", disable=args.quiet, file=sys.stderr))
+
+    def step(row: Dict, done: int, todo: int) -> None:
+        bars[0].update(1)
+        if row["status"] != "ok":
+            bars[0].write(f"{row['case']}: {row.get('error')}", file=sys.stderr)
+
+    rows = run_cohort(cases, job, out_dir, args.workers, args.scheduler, start, step)
+    if bars:
+        bars[0].close()
+    failed = sum(1 for r in rows if r["status"] == "failed")
+    if not args.quiet:
+        print(f"{len(rows) - failed} of {len(rows)} cases segmented, {failed} failed; summary in "
+              f"{os.path.join(args.out_dir, 'cohort.csv')}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -342,6 +467,14 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--box", action="append", metavar="A0,B0,A1,B1,S",
                    help="a box: corners in the two in-plane axes (i,j for axis k) and the slice index; repeatable")
     p.add_argument("--scribble", help="label volume of strokes: 1 foreground, 2 background")
+    p.add_argument("--template-image", metavar="T",
+                   help="template mode across patients: another patient's volume (any size, spacing, orientation), "
+                        "registered to IMAGE; its --template-mask structure seeds IMAGE, then the engine refines")
+    p.add_argument("--template-mask", metavar="TM",
+                   help="label volume on --template-image's grid: the structure, fully drawn or on some slices")
+    p.add_argument("--template-label", type=int, metavar="N", help="label value in --template-mask (default: any)")
+    p.add_argument("--template-anchors", type=int, default=1, metavar="N",
+                   help="slices of the registered template the engine starts from (default 1, the middle one)")
     p.add_argument("--axis", default="k", help="slice axis: i, j or k (default k)")
     p.add_argument("--direction", default="both", choices=["both", "forward", "backward"])
     p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu or cuda")
@@ -358,6 +491,29 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--preview", help="write a PNG montage of the result")
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=cmd_propagate)
+    c = sub.add_parser("cohort", help="segment every volume listed in a CSV (resumable, parallel, Dask)",
+                       description="Segment one structure in every volume of CASES.csv. Columns: image (required), "
+                       "prompt_mask, label, slices, output (relative paths: from the CSV's folder; output from "
+                       "--out-dir). A case without a prompt_mask is seeded from --template-image. A rerun skips "
+                       "cases already done with the same inputs and settings (sha256). Writes DIR/cohort.csv; exit "
+                       "status 1 when a case failed.")
+    c.add_argument("cases", help="CSV with a header row")
+    c.add_argument("--out-dir", required=True, help="folder of the masks and of cohort.csv")
+    c.add_argument("--template-image", help="another patient's volume, registered to each case without a prompt")
+    c.add_argument("--template-mask", help="its label volume (on --template-image's grid)")
+    c.add_argument("--template-label", type=int, help="label value in --template-mask (default: any)")
+    c.add_argument("--template-anchors", type=int, default=1, help="slices of the registered template to start from")
+    c.add_argument("--workers", type=int, default=1,
+                   help="worker processes on this machine (more than 1: a local Dask cluster; default 1, in-process)")
+    c.add_argument("--scheduler", metavar="ADDRESS",
+                   help="run on an existing Dask distributed cluster (tcp://host:8786), or 'local' for a local "
+                        "cluster of --workers processes")
+    c.add_argument("--axis", default="k", help="slice axis: i, j or k (default k)")
+    c.add_argument("--device", default="auto", help="auto (each worker's GPU if it has one), cpu or cuda")
+    c.add_argument("--model", default=None, help="checkpoint name or file path")
+    c.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="any engine setting")
+    c.add_argument("-q", "--quiet", action="store_true")
+    c.set_defaults(func=cmd_cohort)
     d = sub.add_parser("demo", help="run the whole path on a generated volume and print Dice")
     d.add_argument("--out", default="demo_output")
     d.add_argument("--device", default="auto")

@@ -198,6 +198,31 @@ def _mask_extension(path: str) -> str:
     raise VolumeIOError(f"{path}: unknown output extension; use one of {', '.join(MASK_EXTENSIONS)}")
 
 
+def check_readable(path: PathLike, what: str = "input") -> None:
+    """VolumeIOError unless ``path`` is an existing, readable file or folder: checked for every input before any
+    work starts, so a typo in the last of several paths is not found after the first has been read and processed."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise VolumeIOError(f"{path}: no such file or folder ({what}); check the path")
+    if not os.access(path, os.R_OK | (os.X_OK if os.path.isdir(path) else 0)):
+        raise VolumeIOError(f"{path}: not readable ({what}); check its permissions")
+
+
+def check_writable(path: PathLike, extensions: Sequence[str] = MASK_EXTENSIONS, what: str = "output") -> None:
+    """VolumeIOError unless ``path`` ends with one of ``extensions`` and its folder exists and is writable; the
+    check :func:`write_mask` would otherwise make only once the result is computed."""
+    path = os.fspath(path)
+    if path.endswith(os.sep) or os.path.isdir(path):
+        raise VolumeIOError(f"{path}: is a folder; give a file name ending in {', '.join(extensions)} ({what})")
+    if not any(path.lower().endswith(e) for e in extensions):
+        raise VolumeIOError(f"{path}: unknown extension ({what}); use one of {', '.join(extensions)}")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise VolumeIOError(f"{path}: folder {folder} does not exist ({what})")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise VolumeIOError(f"{path}: folder {folder} is not writable ({what})")
+
+
 def write_mask(mask: np.ndarray, reference: Volume, path: PathLike, segment_name: str = "Segment_1",
                label_value: int = 1, color: Sequence[float] = (0.9, 0.3, 0.2)) -> None:
     """Write ``mask`` ((k, j, i), non-zero = inside) with ``reference``'s geometry; voxels inside get ``label_value``.

@@ -777,15 +777,23 @@ class PropagationSession:
         if best[1] is None or not best[2].any():
             raise PromptError("the template from the other volume matched nothing in this volume; "
                               "prompt one slice of this volume instead")
-        s, mask = best[1], best[2]
-        # The seed is the model's guess, not the user's: it is an anchor for propagation but not "drawn".
-        self.anchors[s] = mask
-        self._set_result(s, mask)
-        self.quality[s] = best[0]
+        self.add_seed(best[1], best[2], best[0])
+        warnings.warn(f"One-Prompt mode: seeded from slice {best[1]} (quality {best[0]:.2f})", SeedWarning)
+
+    def add_seed(self, slice_index: int, mask: np.ndarray, quality: float) -> None:
+        """A slice guessed from another patient (One-Prompt's seed search, or a registered template's labels): an
+        anchor the walks start from, but not *drawn* (test-time adaptation ignores it, and drawing over it makes it
+        the user's)."""
+        self._need_volume()
+        s = int(slice_index)
+        validate(MaskPrompt(s, mask), self.volume.shape, self.axis)
+        self.anchors[s] = np.asarray(mask, bool).copy()
+        self._set_result(s, self.anchors[s])
+        self.quality[s] = float(quality)
+        self._invalidate_around(s)
         self._valid.add(s)
         self.seed_slice = s
         self._guessed.add(s)
-        warnings.warn(f"One-Prompt mode: seeded from slice {s} (quality {best[0]:.2f})", SeedWarning)
 
 
 def propagate_together(sessions: Sequence[PropagationSession], direction: str = "both",

@@ -3,7 +3,7 @@ calibrated, and how a checkpoint's manifest entry and the command line override 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Optional, Sequence
+from typing import Dict, Optional, Sequence, Tuple
 
 from .prompts import PromptError
 
@@ -108,6 +108,19 @@ class EngineSettings:
         return cls(**{**own, **overrides})
 
 
+    def check(self) -> "EngineSettings":
+        """Raise PromptError naming the first setting outside its valid range (``RANGES``); returns ``self``.
+
+        Called before any work starts: a threshold of 7 would otherwise be accepted and silently make every slice
+        empty, and a negative distance would be found out only half-way through a propagation.
+        """
+        for name, (lo, hi) in RANGES.items():
+            value = getattr(self, name)
+            if value is not None and not lo <= value <= hi:
+                valid = f"at least {lo}" if hi == float("inf") else f"from {lo} to {hi}"
+                raise PromptError(f"{name} = {value} is out of range: it takes values {valid}")
+        return self
+
     @classmethod
     def parse(cls, items: Sequence[str], option: str = "--set") -> Dict[str, object]:
         """['threshold=0.8', 'reprompt=no'] -> {'threshold': 0.8, 'reprompt': False}, checked against the fields and
@@ -136,3 +149,15 @@ class EngineSettings:
 #: the settings that turn off every use of the optical flow (``--no-flow``, the module's "Follow the anatomy"
 #: checkbox): about a quarter faster a slice step, less accurate
 NO_FLOW: Dict[str, object] = {"flow_weight": 0.0, "interp_flow": False}
+
+
+_INF = float("inf")
+#: the valid range of every numeric setting (inclusive), checked by ``EngineSettings.check``
+RANGES: Dict[str, Tuple[float, float]] = {
+    "ssim_threshold": (-1.0, 1.0), "max_prompt_distance": (1, _INF), "max_templates": (1, _INF),
+    "stop_after_empty": (1, _INF), "min_quality": (0.0, 1.0), "threshold": (0.0, 1.0), "margin": (0.0, 10.0),
+    "interactive_threshold": (0.0, 1.0), "min_area_px": (0, _INF), "ssim_sigma": (0.0, 20.0), "interp_gap": (0, _INF),
+    "interp_weight": (0.0, 1.0), "interp_ramp": (0, _INF), "cut_from": (0.0, 1.0), "cut_drop": (0.0, 1.0),
+    "adapt_steps": (0, _INF), "adapt_lr": (0.0, 1.0), "adapt_batch": (1, _INF), "adapt_min_drawn": (0, _INF),
+    "flow_weight": (0.0, 1.0),
+}

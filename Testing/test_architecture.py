@@ -225,7 +225,7 @@ def test_the_installed_module_finds_the_library_and_its_checkpoint(tmp_path):
         import importlib, json, os, sys
         sys.path += {site.getsitepackages()!r}  # torch & co., without the .pth of the repository's editable install
         __file__ = {os.path.join(str(tmp_path), "OnePromptSeg.py")!r}
-        """) + ast.get_source_segment(source, fn) + textwrap.dedent(f"""
+        """) + ast.get_source_segment(source, fn) + textwrap.dedent("""
         base = _addLibraryToPath()
         import OnePromptSegLib
         from OnePromptSegLib.checkpoints import list_models, load_model

@@ -222,6 +222,8 @@ def test_bench_and_speed_commands(tmp_path, capsys):
     s = res["summary"]
     assert s["tasks"] == 2 and 0.0 <= s["dice1"] <= 1.0 and s["dice1"] >= 0.7
     assert s["win10"] >= s["dice1"] - 0.05 and s["box_first"] >= 0.6 and s["transfer_pairs"] == 2
+    # Two generated volumes of one kind: the registered template alone and refined by the engine both find it.
+    assert s["reg_dice"] >= 0.5 and s["template_dice"] >= 0.5 and s["registration_s"] > 0
     assert s["ends_dice"] >= s["dice1"] - 0.005  # told where the structure ends: no real slice is cut
     # One step from the neighbour's truth: the demo object changes slowly, so copying is near 1 and so is the model.
     assert 0.85 <= s["copy_step"] <= 1.0 and 0.7 <= s["one_step"] <= 1.0

@@ -286,19 +286,41 @@ def test_points_placed_after_a_run_correct_their_slice_and_rerun_the_range():
     case.check()
 
 
-def test_template_mode_reads_the_prompt_on_another_volume():
+def _template_case():
     case = Case(SHIFT_R)
     template_image, template_truth = ball_image(SHAPE, IJK_TO_RAS, (IJK_TO_RAS @ [22, 38, 16, 1.0])[:3], RADIUS)
     template = add_volume(case.scene, template_image, IJK_TO_RAS, "template")
     template_seg = add_segmentation(case.scene, ["drawn"], reference=template, name="template segmentation")
-    drawn = np.zeros_like(template_truth)
-    k = int(np.argmax(template_truth.sum(axis=(1, 2))))
-    drawn[k] = template_truth[k]
-    draw(template_seg, "drawn", drawn, template)
+    draw(template_seg, "drawn", template_truth, template)
+    return case, template, template_seg
+
+
+def test_template_mode_registers_another_volumes_segment_and_propagates():
+    """Template mode: the template patient's segment is registered to this volume (the two volumes in one scene,
+    one under a transform) and seeds the engine."""
+    case, template, template_seg = _template_case()
+    messages = []
     summary = case.logic.segment(case.volume, case.segmentation, "target", PROMPT_MASK, templateVolumeNode=template,
-                                 templateSegmentationNode=template_seg, templateSegmentId="drawn")
-    assert summary["drawn"] == [] and any("One-Prompt mode" in w for w in summary["warnings"])
+                                 templateSegmentationNode=template_seg, templateSegmentId="drawn",
+                                 progressCallback=lambda result=None, message=None: messages.append(message))
+    assert summary["drawn"] == [] and not summary["cancelled"]
+    assert any(m and m.startswith("Registering the template") for m in messages)
     case.check()
+
+
+def test_cancel_during_the_template_registration_writes_nothing():
+    case, template, template_seg = _template_case()
+    counts = node_counts(case.scene)
+
+    def progress(result=None, message=None):
+        return not (message or "").startswith("Registering")
+
+    summary = case.logic.segment(case.volume, case.segmentation, "target", PROMPT_MASK, templateVolumeNode=template,
+                                 templateSegmentationNode=template_seg, templateSegmentId="drawn",
+                                 progressCallback=progress)
+    assert summary["cancelled"] and summary["computed"] == 0
+    assert len(segment_voxels_world(case.segmentation, "target")[0]) == 0 and node_counts(case.scene) == counts
+    assert not case.logic.canUndo(case.segmentation)
 
 
 # ------------------------------------------------------------------------------------------------ the effect's write

@@ -19,7 +19,7 @@ import slicer
 from .messages import InputError, _
 from .promptnodes import PROMPT_MASK, buildPrompts, pointIds, pointsWorld
 from .segments import checkEditable, checkSegment, readSegment, writeSegment
-from .volumes import sliceAxis, volumeArray
+from .volumes import libraryVolume, sliceAxis, volumeArray
 
 #: states kept per segmentation for this module's undo
 UNDO_DEPTH = 10
@@ -96,7 +96,9 @@ class PropagationLogic:
 
         ``promptNodes``: positivePoints, negativePoints, roiNode, scribbleSegmentationNode, scribbleForegroundId,
         scribbleBackgroundId.  With ``templateVolumeNode`` (One-Prompt mode) the prompts are read on the template
-        volume (mask prompts from ``templateSegmentId``) and segment this volume.  ``progressCallback`` returning
+        volume and segment this volume: a template segment (mask prompt) is registered to this volume and its
+        warped labels seed the engine (``OnePromptSegLib.template``; progress and cancel during the registration);
+        points, a box or scribbles on the template seed it through the model alone (One-Prompt's seed search).  ``progressCallback`` returning
         False cancels, keeping what was done.  ``writer`` replaces the default write (the Segment Editor effect
         passes its own).  ``followAnatomy=False`` turns off the engine's optical flow (``NO_FLOW``): faster, less
         accurate.  Every input is checked before any work; an error leaves the scene as it was.
@@ -132,11 +134,19 @@ class PropagationLogic:
             settings = EngineSettings.for_model(model, reprompt=bool(reprompt), **({} if followAnatomy else NO_FLOW))
             if ssimThreshold is not None:
                 settings.ssim_threshold = float(ssimThreshold)
-            session = PropagationSession(model, settings)
-            session.set_volume(image, axis, spacing)
+            if templateVolumeNode is not None and promptType == PROMPT_MASK:
+                session = self._templateSession(model, settings, volumeNode, image, axis, templateVolumeNode, tImage,
+                                                templateSegmentationNode, templateSegmentId, progressCallback)
+                if session is None:
+                    return {"computed": 0, "cancelled": True, "axis": axis, "anchors": [], "drawn": [],
+                            "device": str(getattr(model, "device", "?")), "model": getattr(model, "name", "?"),
+                            "warnings": self._userWarnings(caught)}
+            else:
+                session = PropagationSession(model, settings)
+                session.set_volume(image, axis, spacing)
             if progressCallback:
                 progressCallback(message=_("Segmenting the prompted slice(s)..."))
-            if templateVolumeNode is not None:
+            if templateVolumeNode is not None and promptType != PROMPT_MASK:
                 for prompt in templatePrompts:
                     session.add_reference(tImage, prompt, tAxis, tSpacing)
             for prompt in userPrompts:
@@ -150,6 +160,28 @@ class PropagationLogic:
             self._runs[(segmentationNode.GetID(), segmentId)] = run
         summary["warnings"] = self._userWarnings(caught)
         return summary
+
+    @staticmethod
+    def _templateSession(model, settings, volumeNode, image, axis, templateVolumeNode, templateImage,
+                         templateSegmentationNode, templateSegmentId, progressCallback):
+        """A session over this volume seeded from the template segment: registered (affine, SimpleITK), warped, and
+        anchored on its most trustworthy slice.  None when the user cancels during the registration."""
+        from OnePromptSegLib.template import Cancelled, template_session
+        templateMask = readSegment(templateSegmentationNode, templateSegmentId, templateVolumeNode)
+
+        def progress(level, iteration):
+            if progressCallback is None:
+                return True
+            return progressCallback(message=_("Registering the template to this volume (level {level} of 3, "
+                                              "iteration {iteration})...").format(level=level + 1,
+                                                                                  iteration=iteration)) is not False
+        try:
+            session, _prior = template_session(model, libraryVolume(volumeNode, image),
+                                               libraryVolume(templateVolumeNode, templateImage), templateMask, axis,
+                                               settings, progress=progress)
+        except Cancelled:
+            return None
+        return session
 
     @staticmethod
     def _userWarnings(caught) -> list:

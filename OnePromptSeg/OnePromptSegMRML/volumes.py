@@ -80,3 +80,14 @@ def sliceNormal(scene, viewName: str) -> List[float]:
 def sliceAxis(scene, viewName: str, ijkToWorldMatrix: np.ndarray) -> int:
     """The IJK axis (0 i, 1 j, 2 k) that ``viewName`` slices the volume along; GeometryError if it is oblique."""
     return slice_axis_for_normal(sliceNormal(scene, viewName), ijkToWorldMatrix)
+
+
+def libraryVolume(volumeNode, image: np.ndarray):
+    """The volume as the library's ``io.Volume`` (voxels plus LPS geometry, its parent transform included): what
+    template registration works on, in the one physical space both volumes share in the scene."""
+    from OnePromptSegLib.io import Volume
+    lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ ijkToWorld(volumeNode)
+    spacing = np.linalg.norm(lps[:3, :3], axis=0)
+    direction = lps[:3, :3] / spacing
+    return Volume(image, tuple(float(v) for v in spacing), tuple(float(v) for v in lps[:3, 3]),
+                  tuple(float(v) for v in direction.ravel()))

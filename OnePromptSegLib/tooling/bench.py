@@ -32,7 +32,11 @@ from ..sample import dice
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("data", help="folder with <case>_img.nii.gz and <case>_lbl.nii.gz files (searched recursively)")
     p.add_argument("--kinds", default="mask,box,click,doodle", help="prompt kinds to measure (mask = the protocol)")
-    p.add_argument("--transfer", action="store_true", help="also measure One-Prompt transfer between cases")
+    p.add_argument("--transfer", action="store_true",
+                   help="also measure transfer between two cases of a dataset: One-Prompt's seed search alone "
+                        "(transfer_dice), the registered template's labels alone (reg_dice) and the engine refining "
+                        "from them (template_dice, the template mode), with seconds per case")
+    p.add_argument("--transfer-only", action="store_true", help="--transfer without the single-volume tasks")
     p.add_argument("--ends", action="store_true",
                    help="also measure the usual correction: the largest slice plus the first slice past each end of "
                         "the structure drawn empty (one propagation; ends_dice)")
@@ -278,7 +282,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         vol = read_volume(ip)
         lbl = read_label_volume(lp, vol)
         loaded[ip] = (vol, lbl)
-        for lab in tasks(lbl):
+        for lab in [] if args.transfer_only else tasks(lbl):
             gt = (lbl == lab)
             area = gt.sum(axis=(1, 2))
             k0 = int(area.argmax())
@@ -343,7 +347,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
                     row[f"{kind}_dice1"] = 0.0
             rows.append(row)
             print(json.dumps(row), flush=True)
-    if args.transfer:
+    if args.transfer or args.transfer_only:
+        from ..template import template_session
+
         by_ds: Dict[str, List[str]] = {}
         for ip in loaded:
             by_ds.setdefault(os.path.dirname(ip), []).append(ip)
@@ -357,6 +363,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                         continue
                     ga, gb = la == lab, lb == lab
                     ka = int(ga.sum(axis=(1, 2)).argmax())
+                    t0 = time.time()
                     sess = PropagationSession(model, settings)
                     sess.set_volume(vb.array, "k", vb.spacing)
                     try:
@@ -366,8 +373,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
                         dt = dice(sess.result, gb)
                     except PromptError:
                         dt = 0.0
+                    t1 = time.time()
+                    tsess, prior = template_session(model, vb, va, ga, "k", settings)
+                    t2 = time.time()
+                    for _ in tsess.propagate():
+                        pass
                     r = dict(transfer_from=os.path.relpath(a, args.data), case=os.path.relpath(b, args.data),
-                             label=lab, transfer_dice=round(dt, 4))
+                             label=lab, transfer_dice=round(dt, 4), reg_dice=round(dice(prior > 0.5, gb), 4),
+                             template_dice=round(dice(tsess.result, gb), 4), transfer_s=round(t1 - t0, 1),
+                             registration_s=round(t2 - t1, 1), template_s=round(time.time() - t1, 1))
                     rows.append(r)
                     print(json.dumps(r), flush=True)
     main_rows = [r for r in rows if "dice1" in r]
@@ -400,9 +414,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.one_step:
         summ["one_step"] = _mean(main_rows, "one_step")
         summ["copy_step"] = _mean(main_rows, "copy_step")
-    tr = [r["transfer_dice"] for r in rows if "transfer_dice" in r]
+    tr = [r for r in rows if "transfer_dice" in r]
     if tr:
-        summ["transfer_dice"] = round(float(np.mean(tr)), 4)
+        for key in ("transfer_dice", "reg_dice", "template_dice", "transfer_s", "registration_s", "template_s"):
+            summ[key] = _mean(tr, key)
         summ["transfer_pairs"] = len(tr)
     print(json.dumps(summ), flush=True)
     if args.figure and worst is not None:
