@@ -3,7 +3,7 @@ calibrated, and how a checkpoint's manifest entry and the command line override 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Optional, Sequence
+from typing import Dict, Optional, Sequence, Tuple
 
 from .prompts import PromptError
 
@@ -79,6 +79,16 @@ class EngineSettings:
     #: Calibrated on 30 train/ tasks (BENCHMARKS.md): Dice from one slice 0.697 (0) -> 0.705 / 0.708 / 0.713 (0.3 /
     #: 0.5 / 0.7; 0.7 lost more on generated volumes); on eval 0.747 -> 0.768.  About 5 ms of CPU a step (0: off)
     flow_weight: float = 0.5
+    #: where a structure ends without a drawn empty slice (``OnePromptSegLib.ssim``): past the outermost drawn slices
+    #: a slice whose ``end_score`` (logistic regression over quality, log area against the drawn slice's, and the
+    #: share of its pixels in the drawn region's intensity range; ``end_weights`` = bias, then one per feature) is
+    #: above ``end_threshold`` is doubtful; ``stop_after_empty`` doubtful or empty slices in a row end the walk and
+    #: the doubtful ones among them are erased.  Fitted with ``python -m OnePromptSegLib.tooling.ends`` (BENCHMARKS.md)
+    end_weights: Tuple[float, float, float, float] = (0.0, 0.0, 0.0, 0.0)
+    end_threshold: float = 1.0
+    #: a leak erased on a slice (``PropagationSession.correct`` with an empty mask) is erased on the slices before it
+    #: too, back from it, as long as they score at least its ``end_score`` less this margin (negative: off)
+    end_margin: float = -1.0
 
 
     @classmethod
@@ -108,6 +118,11 @@ class EngineSettings:
                 out[name] = None
             elif "bool" in declared:
                 out[name] = value.lower() in ("1", "true", "yes")
+            elif declared.startswith("Tuple["):
+                try:
+                    out[name] = tuple(float(v) for v in value.split(","))
+                except ValueError:
+                    raise PromptError(f"{option} {item}: {name} takes numbers separated by commas") from None
             else:
                 kind = {"int": int, "float": float}[declared.replace("Optional[", "").rstrip("]")]
                 try:

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 from conftest import bright_object_volume
 
+from OnePromptSegLib.ssim import DrawnLook, end_features, end_score
 from OnePromptSegLib.sample import dice
 from OnePromptSegLib.session import PropagationSession, SeedWarning, merge_into
 from OnePromptSegLib.settings import NO_FLOW, EngineSettings
@@ -261,6 +262,67 @@ def test_walk_that_runs_into_an_empty_drawn_slice_is_cut_at_its_least_confident_
         assert [r.slice_index for r in results if not r.mask.any() and r.slice_index in range(30, 38)] == (
             list(range(30, 38)) if cut else [])  # the cut slices are reported again, now empty
     assert ends == {False: 37, True: 29}
+
+
+def _volume_with_faint_tail():
+    """bright_object_volume (object on slices 8..29) with a fainter look-alike going on over slices 30..39."""
+    img, truth = bright_object_volume()
+    for k in range(30, 40):
+        img[k][truth[29].astype(bool)] = 0.8
+    return img, truth
+
+
+#: end_score weights that call a slice past the end when its pixels lie outside the drawn region's intensities
+_BY_INTENSITY = (2.0, 0.0, 0.0, -4.0)
+
+
+def test_end_features_and_score():
+    image = np.zeros((10, 10), np.float32)
+    drawn = np.zeros((10, 10), bool)
+    drawn[2:8, 2:8] = True
+    image[drawn] = 1.0
+    look = DrawnLook.of(image, drawn)
+    assert (look.area, look.low, look.high) == (36, 1.0, 1.0)
+    half = np.zeros_like(drawn)
+    half[2:8, 2:5] = True  # 18 pixels, all within the drawn intensities
+    assert np.allclose(end_features(look, image, half, 0.7), [0.7, np.log(0.5), 1.0])
+    assert end_score(np.array([0.7, np.log(0.5), 1.0]), _BY_INTENSITY) == pytest.approx(1 / (1 + np.exp(2.0)))
+    off = np.zeros_like(drawn)
+    off[0, :4] = True  # on the background
+    assert end_features(look, image, off, 0.7)[2] == 0.0
+
+
+def test_a_walk_stops_where_slices_look_past_the_structures_end():
+    img, truth = _volume_with_faint_tail()
+    img[15][truth[15].astype(bool)] = 0.8  # one odd slice inside the structure: doubtful alone, so it is kept
+    ends = {}
+    for threshold in (1.0, 0.5):  # 1.0: never doubtful (the rule off)
+        s = _session(_LeakyModel(), img, EngineSettings(interp_weight=0.0, threshold=0.5, end_weights=_BY_INTENSITY,
+                                                        end_threshold=threshold))
+        s.add_prompt(MaskPrompt(20, truth[20].astype(bool)))
+        results = list(s.propagate())
+        found = np.flatnonzero(s.result.any(axis=(1, 2)))
+        ends[threshold] = int(found.max())
+        assert s.result[15].any() and int(found.min()) == 8
+    assert ends == {1.0: 39, 0.5: 29}  # the two doubtful slices that stopped the walk (30, 31) were erased
+    for k in (30, 31):  # reported found, then again, empty
+        assert [r.mask.any() for r in results if r.slice_index == k] == [True, False]
+
+
+def test_an_erased_leak_is_erased_before_it_too():
+    img, truth = _volume_with_faint_tail()
+    for margin in (-1.0, 0.1):  # -1: off
+        s = _session(_LeakyModel(), img, EngineSettings(interp_weight=0.0, threshold=0.5, end_weights=_BY_INTENSITY,
+                                                        end_threshold=1.0, end_margin=margin, cut_tail=True))
+        s.add_prompt(MaskPrompt(20, truth[20].astype(bool)))
+        list(s.propagate())
+        assert s.result[30:40].any(axis=(1, 2)).all()  # the leak
+        s.correct(35, np.zeros_like(truth[35], bool))  # the user erases it on one slice
+        assert 35 in s.erased_leaks
+        list(s.propagate())
+        kept = np.flatnonzero(s.result.any(axis=(1, 2)))
+        assert int(kept.max()) == (33 if margin < 0 else 29)  # off: cut_tail cuts one slice (34)
+        assert dice(s.result[:30], truth[:30]) > 0.97
 
 
 def test_batched_walks_give_the_same_result(model, demo):

@@ -134,6 +134,16 @@ def tasks(lbl: np.ndarray, min_vox: int = 200, min_slices: int = 3, max_labels: 
     return out[:max_labels]
 
 
+def leak_share(pred: np.ndarray, gt: np.ndarray) -> float:
+    """Predicted voxels on slices (along k) whose truth is empty, as a share of all predicted voxels (0 when nothing
+    is predicted): issue 17's measure of a result that runs on past the structure's ends."""
+    total = int(np.count_nonzero(pred))
+    if total == 0:
+        return 0.0
+    outside = ~gt.any(axis=(1, 2))
+    return int(np.count_nonzero(pred[outside])) / total
+
+
 def simulated_prompt(kind: str, m: np.ndarray, s: int):
     """A deterministic user-like prompt of ``kind`` for the 2D truth ``m`` on slice ``s``."""
     from skimage.morphology import skeletonize
@@ -231,6 +241,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                 worst = (row["dice1"], vol.array, gt, pred.copy())
             lo, hi = max(0, k0 - 10), min(gt.shape[0], k0 + 11)
             row["win10"] = round(dice(pred[lo:hi], gt[lo:hi]), 4)
+            row["leak1"] = round(leak_share(pred, gt), 4)
             anchors = [k0]
             d = row["dice1"]
             while d < 0.90 and len(anchors) < args.max_anchors:
@@ -300,6 +311,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     main_rows = [r for r in rows if "dice1" in r]
     summ: Dict = dict(tasks=len(main_rows), model=model.name, device=str(model.device),
                       dice1=_mean(main_rows, "dice1"), win10=_mean(main_rows, "win10"),
+                      leak1=_mean(main_rows, "leak1"),
                       reached90=sum(1 for r in main_rows if r["noi90"]),
                       mean_noi90_capped=round(float(np.mean([r["noi90"] or args.max_anchors for r in main_rows])), 2)
                       if main_rows else None,
