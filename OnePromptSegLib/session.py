@@ -96,8 +96,6 @@ class PropagationSession:
         self._adapted: Optional[Tuple[tuple, LoadedModel]] = None  #: (drawn slices it was made for, model)
         #: ``ssim.end_features`` of the slices walks predicted past the outermost drawn slices (calibration, re-judging)
         self.end_features: Dict[int, np.ndarray] = {}
-        #: slices drawn empty over a predicted leak -> that leak's ``end_score`` (``correct``)
-        self.erased_leaks: Dict[int, float] = {}
 
     # ------------------------------------------------------------------------------------------ set-up
     def set_volume(self, volume: np.ndarray, axis: AxisLike = "k",
@@ -115,7 +113,7 @@ class PropagationSession:
         self.n = volume.shape[self.naxis]
         self.lo, self.hi = robust_range(volume)
         self.anchors, self.quality, self._valid, self._guessed = {}, {}, set(), set()
-        self.end_features, self.erased_leaks = {}, {}
+        self.end_features = {}
         self._adapted = None  # adapted to another volume's slices
         self.result = np.zeros(volume.shape, np.uint8)
         self._norm_cache: Dict[Tuple[int, CropBox, Optional[float]], np.ndarray] = {}
@@ -191,18 +189,14 @@ class PropagationSession:
     def correct(self, slice_index: int, mask: np.ndarray) -> None:
         """A user-corrected slice: it becomes a locked anchor and its range is recomputed on the next propagate().
 
-        An empty ``mask`` where a walk had predicted something past the outermost drawn slices is an erased leak
-        (in Slicer: the segment erased on that slice, then re-propagate): the leak's ``end_score`` is kept, and on
-        the next propagate() the walk that runs into this slice also erases the slices before it that look at
-        least as much like a leak (``end_margin``), not only the one the user erased.
+        An empty ``mask`` says "the structure is not here": in Slicer, a leak erased on this slice (the segment erased
+        there, then re-propagate).  The nearest drawn slice with the structure then walks the whole gap up to it,
+        judging each slice with the stop rule (``ssim.end_score``), and a walk that still reaches the empty slice is
+        cut at its least confident slice (``_cut_tail``).
         """
         self._need_volume()
-        s = int(slice_index)
-        validate(MaskPrompt(s, mask), self.volume.shape, self.axis)
-        mask = np.asarray(mask, bool)
-        if not mask.any() and s in self.end_features and self._result_slice(s).any() and s not in self.anchors:
-            self.erased_leaks[s] = end_score(self.end_features[s], self.settings.end_weights)
-        self._lock(s, mask)
+        validate(MaskPrompt(int(slice_index), mask), self.volume.shape, self.axis)
+        self._lock(int(slice_index), np.asarray(mask, bool))
 
     def remove_anchor(self, slice_index: int) -> None:
         """Unlock a slice; its range is recomputed on the next propagate()."""
@@ -461,7 +455,7 @@ class PropagationSession:
             doubt = False
             if not empty and look is not None:
                 self.end_features[s] = end_features(look, self._slice(s), mask, q)
-                doubt = end_score(self.end_features[s], st.end_weights) > self._end_threshold()
+                doubt = end_score(self.end_features[s], st.end_weights) > st.end_threshold
             empties[side] = empties[side] + 1 if empty or doubt else 0
             doubtful[side] = doubtful[side] + [s] if doubt else [] if not empty else doubtful[side]
             if empty:
@@ -480,30 +474,7 @@ class PropagationSession:
                 doubtful[side] = []
         if (st.cut_tail and kind == "out" and far is not None and slices and abs(slices[-1] - far) == 1
                 and not self.anchors[far].any()):
-            yield from self._cut_like_erased(slices, far)
             yield from self._cut_tail(slices)
-
-    def _end_threshold(self) -> float:
-        """The ``ssim.end_score`` above which a slice past the outermost drawn slices is doubtful."""
-        return self.settings.end_threshold
-
-    def _cut_like_erased(self, slices: List[int], erased: int) -> Iterator[SliceResult]:
-        """A walk that ran into an erased leak: going back from it, erase the walk's slices that score at least as
-        high as the erased leak, less ``end_margin`` (the same leak, on the slices the user did not erase)."""
-        leak = self.erased_leaks.get(erased)
-        if leak is None or self.settings.end_margin < 0:
-            return
-        bar = leak - self.settings.end_margin
-        keep = max(1, int(len(slices) * self.settings.cut_from))  # never near the walk's own drawn slice
-        cut = []
-        for s in slices[::-1][:len(slices) - keep]:
-            f = self.end_features.get(s)
-            if not self._result_slice(s).any() or f is None or end_score(f, self.settings.end_weights) < bar:
-                break
-            cut.append(s)
-        for s in cut[::-1]:
-            self._store(s, np.zeros(self._slice(s).shape, bool), 0.0)
-            yield SliceResult(s, self._result_slice(s).astype(bool), 0.0, False, 0, 0, -1)
 
     def _cut_tail(self, slices: List[int]) -> Iterator[SliceResult]:
         """A walk that reached a slice drawn empty without stopping ran past the structure's end, somewhere on the

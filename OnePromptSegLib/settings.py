@@ -83,12 +83,13 @@ class EngineSettings:
     #: a slice whose ``end_score`` (logistic regression over quality, log area against the drawn slice's, and the
     #: share of its pixels in the drawn region's intensity range; ``end_weights`` = bias, then one per feature) is
     #: above ``end_threshold`` is doubtful; ``stop_after_empty`` doubtful or empty slices in a row end the walk and
-    #: the doubtful ones among them are erased.  Fitted with ``python -m OnePromptSegLib.tooling.ends`` (BENCHMARKS.md)
+    #: the doubtful ones among them are erased.  Off here (a score never exceeds 1): the weights read the model's own
+    #: quality head, so each checkpoint's manifest entry sets both (``python -m OnePromptSegLib.tooling.ends``).
+    #: onepromptseg-v6, 0.9 (BENCHMARKS.md, issue 17): on 30 train/ tasks drawn slices to 0.90 8.30 -> 8.03, leaked
+    #: voxels 5.9% -> 4.4%, Dice from one slice 0.708 -> 0.715; on eval 6.82 -> 6.82, 2.1% -> 1.9%, 0.768 -> 0.769;
+    #: 0.8 gained as much on train/ (8.00) but less Dice (0.713)
     end_weights: Tuple[float, float, float, float] = (0.0, 0.0, 0.0, 0.0)
     end_threshold: float = 1.0
-    #: a leak erased on a slice (``PropagationSession.correct`` with an empty mask) is erased on the slices before it
-    #: too, back from it, as long as they score at least its ``end_score`` less this margin (negative: off)
-    end_margin: float = -1.0
 
 
     @classmethod

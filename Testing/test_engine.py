@@ -309,22 +309,6 @@ def test_a_walk_stops_where_slices_look_past_the_structures_end():
         assert [r.mask.any() for r in results if r.slice_index == k] == [True, False]
 
 
-def test_an_erased_leak_is_erased_before_it_too():
-    img, truth = _volume_with_faint_tail()
-    for margin in (-1.0, 0.1):  # -1: off
-        s = _session(_LeakyModel(), img, EngineSettings(interp_weight=0.0, threshold=0.5, end_weights=_BY_INTENSITY,
-                                                        end_threshold=1.0, end_margin=margin, cut_tail=True))
-        s.add_prompt(MaskPrompt(20, truth[20].astype(bool)))
-        list(s.propagate())
-        assert s.result[30:40].any(axis=(1, 2)).all()  # the leak
-        s.correct(35, np.zeros_like(truth[35], bool))  # the user erases it on one slice
-        assert 35 in s.erased_leaks
-        list(s.propagate())
-        kept = np.flatnonzero(s.result.any(axis=(1, 2)))
-        assert int(kept.max()) == (33 if margin < 0 else 29)  # off: cut_tail cuts one slice (34)
-        assert dice(s.result[:30], truth[:30]) > 0.97
-
-
 def test_batched_walks_give_the_same_result(model, demo):
     """Both directions and every gap in one batched model call per step (the default) == one walk at a time."""
     img, truth, spacing = demo

@@ -333,6 +333,20 @@ def test_correction_loop_recomputes_and_never_overwrites_corrections(module, log
     assert not logic.hasRun(seg, "lesion")  # after an undo the old session would mistake undone slices for fixes
 
 
+def test_a_leak_erased_in_the_segment_editor_is_a_slice_drawn_empty(module, logic, scene):
+    volume, seg, truth = scene
+    volume.array[30:][:, truth[29].astype(bool)] = 1.0  # the structure seems to go on to the volume's edge
+    logic.segment(volume, seg, "lesion", module.PROMPT_MASK)
+    assert seg["lesion"][30:].any(axis=(1, 2)).all()  # the leak
+    erased = seg["lesion"].copy()
+    erased[30] = 0  # the user erases it on the first slice past the end, and re-propagates
+    seg.segmentation.segments["lesion"] = erased
+    summary = logic.repropagate(volume, seg, "lesion")
+    assert summary["corrected"] == [30]
+    assert not seg["lesion"][30:].any()  # one erased slice ends the structure there, as a slice drawn empty does
+    assert _dice(seg["lesion"], truth) > 0.95
+
+
 def test_cancel_keeps_what_was_done(module, logic, scene):
     volume, seg, _truth = scene
     calls = []
