@@ -94,7 +94,8 @@ class PropagationSession:
         self._guessed: Set[int] = set()  #: anchors that are the model's guess (a One-Prompt seed), not drawn
         self._pending = 0  #: slices the walks of the current propagation will write
         self._adapted: Optional[Tuple[tuple, LoadedModel]] = None  #: (drawn slices it was made for, model)
-        #: ``ssim.end_features`` of the slices walks predicted past the outermost drawn slices (calibration, re-judging)
+        #: ``ssim.end_features`` of the slices walks predicted past the outermost drawn slices (``tooling.ends`` fits
+        #: the score on them)
         self.end_features: Dict[int, np.ndarray] = {}
 
     # ------------------------------------------------------------------------------------------ set-up
@@ -457,7 +458,10 @@ class PropagationSession:
                 self.end_features[s] = end_features(look, self._slice(s), mask, q)
                 doubt = end_score(self.end_features[s], st.end_weights) > st.end_threshold
             empties[side] = empties[side] + 1 if empty or doubt else 0
-            doubtful[side] = doubtful[side] + [s] if doubt else [] if not empty else doubtful[side]
+            if doubt:
+                doubtful[side].append(s)
+            elif not empty:
+                doubtful[side] = []  # the run is over: its doubtful slices stay
             if empty:
                 mask = np.zeros_like(mask)
             else:
