@@ -45,7 +45,7 @@ from .prompts import (KIND_INDEX, AxisLike, BBox, Click, MaskPrompt, Prompt, Pro
 from .interpolation import gap_prior
 from .scheduler import SliceResult, WalkRequest, drive_walks, plan_walks
 from .settings import EngineSettings
-from .ssim import blur, ssim
+from .ssim import DrawnLook, blur, end_features, end_score, ssim
 
 
 class SeedWarning(UserWarning):
@@ -123,6 +123,9 @@ class PropagationSession:
         self._pending = 0  #: slices the walks of the current propagation will write
         self._adapted: Optional[Tuple[tuple, LoadedModel]] = None  #: (drawn slices it was made for, model)
         self._clicks: Dict[int, List[Tuple[Tuple[float, float], int]]] = {}  #: correction clicks per slice
+        #: ``ssim.end_features`` of the slices walks predicted past the outermost drawn slices (``tooling.ends`` fits
+        #: the score on them)
+        self.end_features: Dict[int, np.ndarray] = {}
 
     # ------------------------------------------------------------------------------------------ set-up
     def set_volume(self, volume: np.ndarray, axis: AxisLike = "k",
@@ -141,6 +144,7 @@ class PropagationSession:
         self.lo, self.hi = robust_range(volume)
         self.anchors, self.quality, self._valid, self._guessed = {}, {}, set(), set()
         self._clicks = {}
+        self.end_features = {}
         self._adapted = None  # adapted to another volume's slices
         self.result = np.zeros(volume.shape, np.uint8)
         self._norm_cache: Dict[Tuple[int, CropBox, Optional[float]], np.ndarray] = {}
@@ -214,7 +218,13 @@ class PropagationSession:
         return self._paste(prob, box, self._slice(int(slice_index)).shape)
 
     def correct(self, slice_index: int, mask: np.ndarray) -> None:
-        """A user-corrected slice: it becomes a locked anchor and its range is recomputed on the next propagate()."""
+        """A user-corrected slice: it becomes a locked anchor and its range is recomputed on the next propagate().
+
+        An empty ``mask`` says "the structure is not here": in Slicer, a leak erased on this slice (the segment erased
+        there, then re-propagate).  The nearest drawn slice with the structure then walks the whole gap up to it,
+        judging each slice with the stop rule (``ssim.end_score``), and a walk that still reaches the empty slice is
+        cut at its least confident slice (``_cut_tail``).
+        """
         self._need_volume()
         validate(MaskPrompt(int(slice_index), mask), self.volume.shape, self.axis)
         self._lock(int(slice_index), np.asarray(mask, bool))
@@ -618,6 +628,11 @@ class PropagationSession:
         soft: Dict[int, Tuple[CropBox, np.ndarray]] = {}
         stopped: Dict[int, bool] = {1: False, -1: False}
         empties: Dict[int, int] = {1: 0, -1: 0}
+        # Past the outermost drawn slices (or towards one drawn empty) the structure may end: each slice is compared
+        # with the drawn slice the walk starts from (``ssim.end_score``).  Doubtful slices are kept unless a run of
+        # them ends the walk; then the whole run is erased.
+        look = DrawnLook.of(self._slice(start), self.anchors[start]) if kind == "out" and start in masks else None
+        doubtful: Dict[int, List[int]] = {1: [], -1: []}
         boxes: Dict[int, Optional[CropBox]] = {1: None, -1: None}
         for s in slices:
             side = 1 if kind == "out" and s > start else -1 if kind == "out" else (1 if s - start <= far - s else -1)
@@ -644,7 +659,15 @@ class PropagationSession:
                 boxes[side] = box
             # Between two drawn slices the object is known to go on: there only an empty prediction ends a walk.
             empty = not mask.any() or (kind != "gap" and q < st.min_quality)
-            empties[side] = empties[side] + 1 if empty else 0
+            doubt = False
+            if not empty and look is not None:
+                self.end_features[s] = end_features(look, self._slice(s), mask, q)
+                doubt = end_score(self.end_features[s], st.end_weights) > st.end_threshold
+            empties[side] = empties[side] + 1 if empty or doubt else 0
+            if doubt:
+                doubtful[side].append(s)
+            elif not empty:
+                doubtful[side] = []  # the run is over: its doubtful slices stay
             if empty:
                 mask = np.zeros_like(mask)
             else:
@@ -653,6 +676,12 @@ class PropagationSession:
             if empties[side] >= st.stop_after_empty:
                 stopped[side] = True
             yield SliceResult(s, mask, q, rep, 0, 0, src)
+            if stopped[side]:
+                for k in doubtful[side]:  # the run that ended the walk lies past the structure's end
+                    masks.pop(k, None)
+                    self._store(k, np.zeros(self._slice(k).shape, bool), 0.0)
+                    yield SliceResult(k, self._result_slice(k).astype(bool), 0.0, False, 0, 0, -1)
+                doubtful[side] = []
         if (st.cut_tail and kind == "out" and far is not None and slices and abs(slices[-1] - far) == 1
                 and not self.anchors[far].any()):
             yield from self._cut_tail(slices)

@@ -95,6 +95,17 @@ class EngineSettings:
     #: Calibrated on 30 train/ tasks (BENCHMARKS.md): Dice from one slice 0.697 (0) -> 0.705 / 0.708 / 0.713 (0.3 /
     #: 0.5 / 0.7; 0.7 lost more on generated volumes); on eval 0.747 -> 0.768.  About 5 ms of CPU a step (0: off)
     flow_weight: float = 0.5
+    #: where a structure ends without a drawn empty slice (``OnePromptSegLib.ssim``): past the outermost drawn slices
+    #: a slice whose ``end_score`` (logistic regression over quality, log area against the drawn slice's, and the
+    #: share of its pixels in the drawn region's intensity range; ``end_weights`` = bias, then one per feature) is
+    #: above ``end_threshold`` is doubtful; ``stop_after_empty`` doubtful or empty slices in a row end the walk and
+    #: the doubtful ones among them are erased.  Off here (a score never exceeds 1): the weights read the model's own
+    #: quality head, so each checkpoint's manifest entry sets both (``python -m OnePromptSegLib.tooling.ends``).
+    #: onepromptseg-v6, 0.9 (BENCHMARKS.md, issue 17): on 30 train/ tasks drawn slices to 0.90 8.30 -> 8.03, leaked
+    #: voxels 5.9% -> 4.4%, Dice from one slice 0.708 -> 0.715; on eval 6.82 -> 6.82, 2.1% -> 1.9%, 0.768 -> 0.769;
+    #: 0.8 gained as much on train/ (8.00) but less Dice (0.713)
+    end_weights: Tuple[float, float, float, float] = (0.0, 0.0, 0.0, 0.0)
+    end_threshold: float = 1.0
 
 
     @classmethod
@@ -137,6 +148,11 @@ class EngineSettings:
                 out[name] = None
             elif "bool" in declared:
                 out[name] = value.lower() in ("1", "true", "yes")
+            elif declared.startswith("Tuple["):
+                try:
+                    out[name] = tuple(float(v) for v in value.split(","))
+                except ValueError:
+                    raise PromptError(f"{option} {item}: {name} takes numbers separated by commas") from None
             else:
                 kind = {"int": int, "float": float}[declared.replace("Optional[", "").rstrip("]")]
                 try:

@@ -286,6 +286,27 @@ def test_points_placed_after_a_run_correct_their_slice_and_rerun_the_range():
     case.check()
 
 
+def test_a_leak_erased_in_the_segment_editor_ends_the_structure_there():
+    """The image seems to go on past the ball (a bright column to the volume's edge): the result leaks.  The user
+    erases the first leaked slice in the Segment Editor and re-propagates: that slice is a slice drawn empty, and
+    nothing is left past it."""
+    case = Case()
+    top = int(np.flatnonzero(case.truth.any(axis=(1, 2))).max())
+    image = slicer.util.arrayFromVolume(case.volume)
+    image[top + 1:][:, case.truth[top].astype(bool)] = 1.0
+    slicer.util.arrayFromVolumeModified(case.volume)
+    case.draw_slice()
+    case.logic.segment(case.volume, case.segmentation, "target", PROMPT_MASK)
+    leaked = segments.readSegment(case.segmentation, "target", case.volume)
+    assert leaked[top + 1:].any(axis=(1, 2)).all()
+    leaked[top + 1] = 0
+    draw(case.segmentation, "target", leaked, case.volume)
+    summary = case.logic.repropagate(case.volume, case.segmentation, "target")
+    assert summary["corrected"] == [top + 1]
+    result = segments.readSegment(case.segmentation, "target", case.volume)
+    assert not result[top + 1:].any() and np.array_equal(result, case.truth)
+
+
 def _template_case():
     case = Case(SHIFT_R)
     template_image, template_truth = ball_image(SHAPE, IJK_TO_RAS, (IJK_TO_RAS @ [22, 38, 16, 1.0])[:3], RADIUS)

@@ -153,6 +153,16 @@ def _deepest(m: np.ndarray, spacing: Sequence[float]) -> Tuple[int, int]:
     return int(r), int(c)
 
 
+def leak_share(pred: np.ndarray, gt: np.ndarray) -> float:
+    """Predicted voxels on slices (along k) whose truth is empty, as a share of all predicted voxels (0 when nothing
+    is predicted): issue 17's measure of a result that runs on past the structure's ends."""
+    total = int(np.count_nonzero(pred))
+    if total == 0:
+        return 0.0
+    outside = ~gt.any(axis=(1, 2))
+    return int(np.count_nonzero(pred[outside])) / total
+
+
 def simulated_prompt(kind: str, m: np.ndarray, s: int, spacing: Sequence[float] = (1.0, 1.0)):
     """A deterministic user-like prompt of ``kind`` for the 2D truth ``m`` on slice ``s`` (in-plane ``spacing``,
     rows then columns): issue 19's protocol, one click at the most interior truth pixel, one tight box."""
@@ -299,6 +309,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                 worst = (row["dice1"], vol.array, gt, pred.copy())
             lo, hi = max(0, k0 - 10), min(gt.shape[0], k0 + 11)
             row["win10"] = round(dice(pred[lo:hi], gt[lo:hi]), 4)
+            row["leak1"] = round(leak_share(pred, gt), 4)
             anchors = [k0]
             d = row["dice1"]
             row["drawn2"] = row["dice1"]  # already at 0.90: the protocol draws no second slice
@@ -387,6 +398,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     main_rows = [r for r in rows if "dice1" in r]
     summ: Dict = dict(tasks=len(main_rows), model=model.name, device=str(model.device),
                       dice1=_mean(main_rows, "dice1"), win10=_mean(main_rows, "win10"),
+                      leak1=_mean(main_rows, "leak1"),
                       reached90=sum(1 for r in main_rows if r["noi90"]),
                       mean_noi90_capped=round(float(np.mean([r["noi90"] or args.max_anchors for r in main_rows])), 2)
                       if main_rows else None,
