@@ -588,7 +588,8 @@ def test_correction_clicks_improve_the_volume(model, demo):
     """Simulated clicks at the centre of the largest error region (bench's protocol): each refines its slice,
     locks it and re-propagates only its range; three clicks leave the volume better than it was."""
     _, scores = _corrected(model, demo, 3)
-    assert scores[-1] > scores[0] + 0.02, scores  # measured 0.893 -> 0.913, 0.923, 0.927
+    # measured 0.893 -> 0.913, 0.923, 0.927 before the end-of-structure score; with it 0.927 -> 0.933, 0.939, 0.942
+    assert scores[-1] > scores[0] + 0.01 and all(b >= a for a, b in zip(scores, scores[1:])), scores
 
 
 def test_negative_click_removes_a_wrong_part_and_positive_click_adds_one(model, demo):
