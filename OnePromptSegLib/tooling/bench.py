@@ -385,13 +385,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
                     except PromptError:
                         dt = 0.0
                     t1 = time.time()
-                    tsess, prior = template_session(model, vb, va, ga, "k", settings)
-                    t2 = time.time()
-                    for _ in tsess.propagate():
-                        pass
+                    try:
+                        tsess, prior = template_session(model, vb, va, ga, "k", settings)
+                        t2 = time.time()
+                        for _ in tsess.propagate():
+                            pass
+                        reg_d, template_d = dice(prior > 0.5, gb), dice(tsess.result, gb)
+                    except PromptError:  # the registered structure fell outside the target
+                        t2, reg_d, template_d = time.time(), 0.0, 0.0
                     r = dict(transfer_from=os.path.relpath(a, args.data), case=os.path.relpath(b, args.data),
-                             label=lab, transfer_dice=round(dt, 4), reg_dice=round(dice(prior > 0.5, gb), 4),
-                             template_dice=round(dice(tsess.result, gb), 4), transfer_s=round(t1 - t0, 1),
+                             label=lab, transfer_dice=round(dt, 4), reg_dice=round(reg_d, 4),
+                             template_dice=round(template_d, 4), transfer_s=round(t1 - t0, 1),
                              registration_s=round(t2 - t1, 1), template_s=round(time.time() - t1, 1))
                     rows.append(r)
                     print(json.dumps(r), flush=True)
