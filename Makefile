@@ -25,7 +25,7 @@ test: $(STAMP)
 
 # The project's benchmark on the shared evaluation data (not part of `make test`).
 bench: $(STAMP)
-	$(BIN)/onepromptseg-dev bench ../shared/data/eval --transfer --json docs/results/bench_eval.json
+	$(BIN)/onepromptseg-dev bench ../shared/data/eval --transfer --ends --one-step --clicks 5 --json docs/results/bench_eval.json
 
 clean:
 	rm -rf $(VENV) demo_output .pytest_cache
