@@ -34,9 +34,9 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Set, Tupl
 
 import numpy as np
 from scipy import ndimage as ndi
-from skimage.segmentation import random_walker
 
 from .checkpoints import LoadedModel
+from .clicks import drop_clicked_parts, pick_extent, pixel, refine_outline
 from .crops import CropBox, crop_around, extract, paste
 from .flow import pool, resize_flow, tvl1, warp_mask
 from .io import normalize, robust_range
@@ -66,31 +66,6 @@ def merge_into(current: np.ndarray, result: np.ndarray, axis: AxisLike, slices: 
         idx[a] = s
         merged[tuple(idx)] = result[tuple(idx)] > 0
     return merged
-
-
-def _pick_extent(image: np.ndarray, masks: Sequence[np.ndarray], ring: float = 0.15) -> int:
-    """Which of several candidate masks of one click on ``image`` (the slice, normalised and blurred by 1 px)
-    outlines the structure: the one whose inside differs most in mean intensity from a ring just outside it
-    (``ring`` x its extent wide, at least 2 px).
-
-    A crop narrower than the structure gives a mask inside it (same intensity around it), a crop much wider one that
-    spills over its neighbours (its inside mixes both).  On 30 train/ tasks this picked the better crop where the
-    model's own quality estimate could not (first-slice Dice 0.646 against 0.581 for the slice-wide crop alone and
-    0.580 picking by quality; issue 19).
-    """
-    scores = []
-    for m in masks:
-        rr, cc = np.nonzero(m)
-        if len(rr) < 3:
-            scores.append(-1.0)
-            continue
-        w = max(2, int(ring * (max(np.ptp(rr), np.ptp(cc)) + 1)))
-        r0, c0 = max(rr.min() - w, 0), max(cc.min() - w, 0)
-        win = (slice(r0, rr.max() + w + 1), slice(c0, cc.max() + w + 1))  # only where the ring can be
-        around = (ndi.distance_transform_edt(~m[win]) <= w) & ~m[win]
-        inside = float(image[rr, cc].mean())
-        scores.append(abs(inside - float(image[win][around].mean())) if around.any() else -1.0)
-    return int(np.argmax(scores))
 
 
 @dataclass
@@ -265,7 +240,7 @@ class PropagationSession:
         validate(Click(s, list(clicks.points), [1] * len(clicks.points)), self.volume.shape, self.axis)
         given = self._clicks.setdefault(s, [])
         given += [((float(r), float(c)), int(v == 1)) for (r, c), v in zip(clicks.points, clicks.labels)]
-        current = self._drop_clicked_parts(self._result_slice(s).astype(bool), given)
+        current = drop_clicked_parts(self._result_slice(s).astype(bool), given, self.settings.refine_whole)
         current = self._add_missed_parts(s, current, given)
         mask = self._refine(s, current, given) if current.any() else current
         # What the new clicks ask for, and nothing against it: "add here" removes nothing, "remove here" adds nothing.
@@ -279,24 +254,6 @@ class PropagationSession:
         self._lock(s, mask)
         return mask
 
-    def _drop_clicked_parts(self, mask: np.ndarray, clicks: Sequence[Tuple[Tuple[float, float], int]]
-                            ) -> np.ndarray:
-        """``mask`` without the connected parts a negative click lies deep inside (at least ``refine_whole`` of the
-        part's own greatest depth): such a click says "this is not the structure", not "this edge is too far out"
-        (the random walker, seeded from the rest of the part, would keep most of it)."""
-        parts, n = ndi.label(mask)
-        if n == 0:
-            return mask
-        depth = ndi.distance_transform_edt(mask)
-        deepest = ndi.maximum(depth, parts, np.arange(1, n + 1))
-        out = mask.copy()
-        for point, positive in clicks:
-            part = parts[self._pixel(point, mask.shape)]
-            if not positive and part and depth[self._pixel(point, mask.shape)] >= (self.settings.refine_whole
-                                                                                   * deepest[part - 1]):
-                out[parts == part] = False
-        return out
-
     def _add_missed_parts(self, s: int, mask: np.ndarray, clicks: Sequence[Tuple[Tuple[float, float], int]]
                           ) -> np.ndarray:
         """``mask`` with the parts that positive clicks far outside it point at (further from it than its own
@@ -305,19 +262,14 @@ class PropagationSession:
         rr, cc = np.nonzero(mask)
         ext = max(np.ptp(rr), np.ptp(cc)) + 1 if len(rr) else 0
         away = ndi.distance_transform_edt(~mask) if len(rr) else None
-        far = [(p, v) for p, v in clicks if v and (away is None or away[self._pixel(p, mask.shape)] > ext)]
+        far = [(p, v) for p, v in clicks if v and (away is None or away[pixel(p, mask.shape)] > ext)]
         if not far:
             return mask
         found = self._segment_near(s, Click(s, [p for p, _ in far] + [p for p, v in clicks if not v],
                                             [1] * len(far) + [0] * sum(1 for _, v in clicks if not v)))
         parts, _ = ndi.label(found)
-        keep = {parts[self._pixel(p, mask.shape)] for p, _ in far} - {0}
+        keep = {parts[pixel(p, mask.shape)] for p, _ in far} - {0}
         return mask | np.isin(parts, list(keep))
-
-    @staticmethod
-    def _pixel(point: Tuple[float, float], shape: Tuple[int, int]) -> Tuple[int, int]:
-        """The slice pixel holding a (row, col) point."""
-        return (min(max(int(round(point[0])), 0), shape[0] - 1), min(max(int(round(point[1])), 0), shape[1] - 1))
 
     def _segment_near(self, s: int, clicks: Click) -> np.ndarray:
         """Positive clicks where the result holds nothing: the nearest slice holding the structure (within
@@ -333,7 +285,7 @@ class PropagationSession:
         source = self._result_slice(k).astype(bool)
         carried = self.predict_from(s, k, source)
         parts, _ = ndi.label(carried)
-        under = {parts[self._pixel(p, carried.shape)] for p, v in zip(clicks.points, clicks.labels) if v} - {0}
+        under = {parts[pixel(p, carried.shape)] for p, v in zip(clicks.points, clicks.labels) if v} - {0}
         if under:
             return np.isin(parts, list(under))
         size = crop_around(source, source.shape, self.spacing, self.settings.margin)
@@ -343,53 +295,10 @@ class PropagationSession:
                                                              size.h, size.w)])
 
     def _refine(self, s: int, current: np.ndarray, clicks: Sequence[Tuple[Tuple[float, float], int]]) -> np.ndarray:
-        """``current`` (slice ``s``) with its outline decided again where the clicks say it is wrong.
-
-        Seeds for scikit-image's random walker: the current mask shrunk by a band (foreground) and the outside
-        beyond it (background), each click a small disc of its label.  Around each click, the seeds of the other
-        label are lifted in a disc twice as wide as the click's distance to the current outline (the centre of an
-        error region lies about half its width from the outline), so the walker can move the outline there as
-        far as the image supports; everything else keeps the current mask.  Only a window around the mask and the
-        clicks is solved.
-        """
-        shape = current.shape
-        pts = np.array([p for p, _ in clicks], float).reshape(-1, 2)
-        pos = np.array([v for _, v in clicks], int)
-        rr, cc = np.nonzero(current)
-        ext = max(np.ptp(rr), np.ptp(cc)) + 1 if len(rr) else 8
-        inside = ndi.distance_transform_edt(current)
-        outside = ndi.distance_transform_edt(~current)
-        ri, ci = np.clip(np.round(pts[:, 0]).astype(int), 0, shape[0] - 1), np.clip(np.round(pts[:, 1]).astype(int),
-                                                                                   0, shape[1] - 1)
-        dist = np.where(pos == 1, outside[ri, ci], inside[ri, ci])
-        # The disc around each click where its opposite label's seeds are lifted; never wider than the mask itself
-        # (a walker with much room and few edges floods the slice).
-        reach = np.minimum(2 * dist + 2, max(ext, 8))
-        # Thin structures (a myocardium) keep foreground seeds: the band is at most half the mask's depth.
-        band = max(1.0, min(self.settings.refine_band * ext, 0.5 * inside.max()))
-        pad = int(max(reach.max(), band) + 4)
-        rows = np.concatenate([rr, ri]) if len(rr) else ri
-        cols = np.concatenate([cc, ci]) if len(cc) else ci
-        r0, r1 = max(rows.min() - pad, 0), min(rows.max() + pad + 1, shape[0])
-        c0, c1 = max(cols.min() - pad, 0), min(cols.max() + pad + 1, shape[1])
-        win = (slice(r0, r1), slice(c0, c1))
-        seeds = np.zeros((r1 - r0, c1 - c0), np.int32)
-        seeds[inside[win] > band] = 1
-        seeds[outside[win] > band] = 2
-        yy, xx = np.mgrid[r0:r1, c0:c1]
-        for (r, c), p, R in zip(pts, pos, reach):
-            near = (yy - r) ** 2 + (xx - c) ** 2
-            seeds[(near <= R ** 2) & (seeds == (2 if p else 1))] = 0
-        for (r, c), p, d in zip(pts, pos, dist):
-            near = (yy - r) ** 2 + (xx - c) ** 2
-            seeds[near <= max(1.0, d / 2) ** 2] = 1 if p else 2
-        mask = current.copy()
-        if not (seeds == 1).any():
-            mask[win] = False  # negative clicks took every foreground seed: nothing of the structure is left here
-        elif (seeds == 2).any() and (seeds == 0).any():
-            img = blur(normalize(self._slice(s)[win], self.lo, self.hi), 1.0)
-            mask[win] = random_walker(img, seeds, beta=self.settings.refine_beta, mode="bf") == 1
-        return mask
+        """``current`` (slice ``s``) with its outline decided again where the clicks say it is wrong
+        (``clicks.refine_outline`` on this slice's normalised image)."""
+        return refine_outline(lambda win: blur(normalize(self._slice(s)[win], self.lo, self.hi), 1.0), current,
+                              clicks, self.settings.refine_band, self.settings.refine_beta)
 
     def remove_anchor(self, slice_index: int) -> None:
         """Unlock a slice; its range is recomputed on the next propagate()."""
@@ -468,7 +377,7 @@ class PropagationSession:
         masks = [self._paste(p, box, shape, threshold=thr) for (p, _), box in zip(outs, boxes)]
         if len(masks) == 1:
             return masks[0]
-        return masks[_pick_extent(blur(normalize(self._slice(s), self.lo, self.hi), 1.0), masks)]
+        return masks[pick_extent(blur(normalize(self._slice(s), self.lo, self.hi), 1.0), masks)]
 
     def _flow(self, s: int, src: int, box: CropBox) -> Tuple[np.ndarray, np.ndarray]:
         """The optical flow from slice ``src``'s image to slice ``s``'s in crop ``box``, at the model's input size
