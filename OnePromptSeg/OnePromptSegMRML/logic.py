@@ -17,7 +17,7 @@ import slicer
 # The engine (OnePromptSegLib.session, .checkpoints, .settings) imports torch: it is imported where it is used, so that
 # Slicer loads the module, and offers to install PyTorch, before torch is there.
 from .messages import InputError, _
-from .promptnodes import PROMPT_MASK, buildPrompts, pointIds, pointsWorld
+from .promptnodes import PROMPT_MASK, buildPrompts, insideVolume, pointIds, pointsWorld
 from .segments import checkEditable, checkSegment, readSegment, writeSegment
 from .volumes import libraryVolume, sliceAxis, volumeArray
 
@@ -246,8 +246,7 @@ class PropagationLogic:
             return {"computed": 0, "cancelled": False, "corrected": [], "axis": run.axis, "warnings": [],
                     "note": _("No new point: place a point on a part to add (positive) or to remove (negative).")}
         ijk = np.atleast_2d(ras_to_ijk(np.array(points), ijkToWorld))
-        sizes = np.array(image.shape[::-1], dtype=float)
-        inside = ((ijk >= -0.5) & (ijk <= sizes - 0.5)).all(axis=1)
+        inside = insideVolume(ijk, image.shape)
         if not inside.any():
             raise InputError(_("The new points lie outside the volume: place them on the image."))
         changed = self._takeUpEdits(run, volumeNode, segmentationNode, segmentId)

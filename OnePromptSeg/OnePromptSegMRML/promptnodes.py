@@ -44,7 +44,7 @@ def pointIds(markupsNode) -> List[str]:
     return [markupsNode.GetNthControlPointID(i) for i in _definedPoints(markupsNode)]
 
 
-def _insideVolume(ijk: np.ndarray, shape_kji: Tuple[int, ...]) -> np.ndarray:
+def insideVolume(ijk: np.ndarray, shape_kji: Tuple[int, ...]) -> np.ndarray:
     """Per point: inside the volume's voxels (continuous indices within [-0.5, n - 0.5] on every axis)."""
     sizes = np.array(shape_kji[::-1], dtype=float)
     return ((ijk >= -0.5) & (ijk <= sizes - 0.5)).all(axis=1)
@@ -72,7 +72,7 @@ def buildPrompts(promptType: str, volumeNode, image: np.ndarray, ijkToWorld: np.
             raise prompts.PromptError(_("Place at least one positive point on the structure."))
         allPoints = np.concatenate([pos, neg])
         ijk = np.atleast_2d(geometry.ras_to_ijk(allPoints, ijkToWorld))
-        inside = _insideVolume(ijk, image.shape)
+        inside = insideVolume(ijk, image.shape)
         if not inside[:len(pos)].any():
             raise InputError(_("No positive point lies inside the volume '{name}': place the points on the image "
                                "(check that the point list and the volume are under the same transform).").format(
