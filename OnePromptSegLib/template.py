@@ -83,8 +83,8 @@ def register_template(template: Volume, template_mask: np.ndarray, target: Volum
     """The affine transform (target physical point -> template physical point) that carries ``template``'s structure
     (``template_mask``, non-zero voxels on the template's grid) onto ``target``.
 
-    Raises PromptError for an empty mask or a mask off the template's grid, :class:`Cancelled` when ``progress``
-    returns False.
+    Raises PromptError for an empty mask or a mask off the template's grid and when the registration itself fails
+    (a blank image, images that never overlap), :class:`Cancelled` when ``progress`` returns False.
     """
     sitk = _sitk()
     settings = settings or RegistrationSettings()
@@ -118,7 +118,14 @@ def register_template(template: Volume, template_mask: np.ndarray, target: Volum
                 cancelled.append(True)
                 reg.StopRegistration()
         reg.AddCommand(sitk.sitkIterationEvent, step)
-    transform = reg.Execute(fixed, moving)
+    try:
+        transform = reg.Execute(fixed, moving)
+    except RuntimeError as e:  # e.g. a blank image, or images that never overlap: ITK's own words, in short
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()] or ["no detail"]
+        detail = next((line.split("): ", 1)[-1] for line in lines if "ITK ERROR" in line), lines[-1])
+        raise PromptError(f"the template could not be registered to the target ({detail}): check that both "
+                          "images show the same anatomy, that neither is blank, and that their orientations are "
+                          "set") from e
     if cancelled:
         raise Cancelled("registration cancelled")
     return transform

@@ -11,6 +11,7 @@ import SimpleITK as sitk
 
 from OnePromptSegLib import cli
 from OnePromptSegLib.io import Volume
+from OnePromptSegLib.prompts import PromptError
 from OnePromptSegLib.sample import dice, make_demo_volume
 from OnePromptSegLib.template import Cancelled, register_template, template_session, warp_mask
 
@@ -38,6 +39,17 @@ def test_registration_carries_the_structure_across_geometries(pair):
     assert prior.shape == target.array.shape
     assert dice(prior > 0.5, target_truth) >= 0.85  # identity of geometry alone (no registration): below 0.5
     assert dice(warp_mask(truth, template, target, sitk.Transform(3, sitk.sitkIdentity)) > 0.5, target_truth) < 0.5
+
+
+def test_a_failed_registration_is_a_prompt_error(pair, model):
+    """A blank target (a wrong series picked, a failed export): ITK's own error, raised inside the registration,
+    reaches the user as one clear PromptError, and template mode builds no session."""
+    template, truth, target, _ = pair
+    blank = Volume(np.zeros_like(target.array), target.spacing, target.origin, target.direction)
+    with pytest.raises(PromptError, match="could not be registered to the target .*Zero-valued spacing"):
+        register_template(template, truth, blank)
+    with pytest.raises(PromptError, match="could not be registered"):
+        template_session(model, blank, template, truth)
 
 
 def test_template_session_refines_and_can_be_cancelled(pair, model):
