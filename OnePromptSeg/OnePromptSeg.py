@@ -435,28 +435,22 @@ class OnePromptSegLogic(ScriptedLoadableModuleLogic, PropagationLogic):
             return []
         return PropagationLogic.availableModels(self)
 
-    def loadModel(self, modelName="", device="auto"):
-        """The model (cached); a manifest entry not bundled is downloaded into Slicer's cache first."""
-        from OnePromptSegLib.checkpoints import CheckpointError, load_model
-        key = (modelName or "", device)
-        if self._model is not None and self._modelKey == key:
-            return self._model
-        nameOrPath, expectedSha = modelName or None, None
+    def modelFile(self, modelName=""):
+        """A manifest entry that is not bundled is downloaded into Slicer's cache first (sha256-checked there and
+        again when loaded); the adapter's ``loadModel`` caches the model."""
+        from OnePromptSegLib.checkpoints import CheckpointError
         for entry in self.availableModels():
             if entry["name"] == modelName and entry.get("url") and not os.path.exists(entry["path"]):
                 import SampleData
                 fileName = os.path.basename(entry["file"])
-                nameOrPath = SampleData.SampleDataLogic().downloadFileIntoCache(
+                path = SampleData.SampleDataLogic().downloadFileIntoCache(
                     entry["url"], fileName, checksum=f"SHA256:{entry['sha256']}")
-                if not nameOrPath or not os.path.exists(nameOrPath):
+                if not path or not os.path.exists(path):
                     raise CheckpointError(_("Downloading {name} from {url} failed or the file did not match its "
                                             "checksum: check the network connection and try again, or use the "
                                             "default model.").format(name=modelName, url=entry["url"]))
-                expectedSha = entry["sha256"]
-        self._model = load_model(nameOrPath, device=device, manifest_path=self.manifestPath(),
-                                 expected_sha256=expectedSha)
-        self._modelKey = key
-        return self._model
+                return path, entry["sha256"]
+        return PropagationLogic.modelFile(self, modelName)
 
     # ---------------------------------------------------------------------------------------- running
     def requestFromParameterNode(self, pn):

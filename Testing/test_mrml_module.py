@@ -105,3 +105,35 @@ def test_module_settings(module):
     assert pn.promptType in module.PROMPT_TYPES and pn.direction in module.DIRECTIONS
     assert pn.sliceView in module.VIEWS and pn.device in module.DEVICES
     assert set(module.DIRECTIONS.values()) == {"both", "forward", "backward"}
+
+
+def test_a_manifest_model_not_bundled_is_downloaded_once_and_checked(module, monkeypatch):
+    """A manifest entry with a URL and no file: Slicer's SampleData downloads it into its cache (a stand-in here:
+    SampleData is a Slicer module, not in slicer-core), the sha256 is checked when loading, and the loaded model is
+    cached by the adapter; a failed download says what to do."""
+    import sys
+    import types
+
+    from OnePromptSegLib.checkpoints import CheckpointError
+
+    logic = module.OnePromptSegLogic()
+    bundled = logic.availableModels()[0]
+    remote = dict(bundled, name="remote", url="https://example.org/remote.pt", path="/nonexistent/remote.pt",
+                  default=False)
+    monkeypatch.setattr(logic, "availableModels", lambda: [bundled, remote])
+    calls = []
+
+    class SampleDataLogic:
+        def downloadFileIntoCache(self, url, fileName, checksum=None):
+            calls.append((url, fileName, checksum))
+            return bundled["path"] if url == remote["url"] else None
+
+    monkeypatch.setitem(sys.modules, "SampleData", types.SimpleNamespace(SampleDataLogic=SampleDataLogic))
+    model = logic.loadModel("remote", device="cpu")
+    assert model is logic.loadModel("remote", device="cpu")  # cached: downloaded once
+    assert calls == [(remote["url"], os.path.basename(bundled["file"]), f"SHA256:{bundled['sha256']}")]
+    broken = dict(remote, name="broken", url="https://example.org/broken.pt")
+    monkeypatch.setattr(logic, "availableModels", lambda: [bundled, broken])
+    with pytest.raises(CheckpointError, match="Downloading broken from https://example.org/broken.pt failed"):
+        logic.loadModel("broken", device="cpu")
+    assert logic.loadModel("", device="cpu") is not model  # the bundled default, loaded by name

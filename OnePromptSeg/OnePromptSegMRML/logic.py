@@ -80,9 +80,16 @@ class PropagationLogic:
         from OnePromptSegLib.checkpoints import load_model
         key = (modelName or "", device)
         if self._model is None or self._modelKey != key:
-            self._model = load_model(modelName or None, device=device, manifest_path=self.manifestPath())
+            nameOrPath, expectedSha = self.modelFile(modelName)
+            self._model = load_model(nameOrPath, device=device, manifest_path=self.manifestPath(),
+                                     expected_sha256=expectedSha)
             self._modelKey = key
         return self._model
+
+    def modelFile(self, modelName: str = ""):
+        """(manifest name or file path for ``load_model``, sha256 the file must have or None): the bundled
+        checkpoints by name.  The Slicer module fetches a manifest entry that is not bundled first."""
+        return modelName or None, None
 
     # ---------------------------------------------------------------------------------------- running
     def segment(self, volumeNode, segmentationNode, segmentId: str, promptType: str = PROMPT_MASK,
