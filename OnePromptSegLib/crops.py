@@ -50,6 +50,22 @@ def crop_around(mask: Optional[np.ndarray], shape: Tuple[int, int], spacing: Seq
     return CropBox(cr - side / sr / 2, cc_ - side / sc / 2, side / sr, side / sc)
 
 
+def steady_box(mask: np.ndarray, previous: Optional[CropBox], spacing: Sequence[float], margin: float) -> CropBox:
+    """The crop for a prompt mask (``crop_around``); the ``previous`` step's crop is kept while it still fits (within
+    10-25%).
+
+    Keeping the crop steady lets a slice's encoder features, computed when it was the query, be reused when it is a
+    template, and avoids jitter.
+    """
+    fresh = crop_around(mask, mask.shape, spacing, margin)
+    if previous is not None and 0.8 * fresh.h <= previous.h <= 1.25 * fresh.h:
+        dr = abs((fresh.r0 + fresh.h / 2) - (previous.r0 + previous.h / 2))
+        dc = abs((fresh.c0 + fresh.w / 2) - (previous.c0 + previous.w / 2))
+        if dr <= 0.1 * previous.h and dc <= 0.1 * previous.w:
+            return previous
+    return fresh
+
+
 def _window(box: CropBox, shape: Tuple[int, int]) -> Tuple[int, int, int, int]:
     """Integer pixel window covering the box: (r0, r1, c0, c1), possibly outside the slice."""
     r0, c0 = int(np.floor(box.r0)), int(np.floor(box.c0))

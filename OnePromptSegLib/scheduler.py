@@ -2,7 +2,7 @@
 anchors) and runs them with batched model calls (``drive_walks``; ``session.propagate_together`` for several
 sessions).
 
-A walk is a generator (``PropagationSession._walk``): it yields a ``WalkRequest`` when it needs the model and a
+A walk is a generator (``Walker._walk``): it yields a ``WalkRequest`` when it needs the model and a
 ``SliceResult`` when a slice is done.  ``drive_walks`` advances the walks in lockstep so that one step of every walk
 goes to the model as one batch; walks never read each other's slices, so the result is the same as one walk after
 the other.

@@ -30,22 +30,22 @@ import itertools
 import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterator, List, Optional, Sequence, Set, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Set, Tuple
 
 import numpy as np
 from scipy import ndimage as ndi
 
 from .checkpoints import LoadedModel
 from .clicks import drop_clicked_parts, pick_extent, pixel, refine_outline
-from .crops import CropBox, crop_around, extract, paste
+from .crops import CropBox, crop_around, extract, paste, steady_box
 from .flow import pool, resize_flow, tvl1, warp_mask
 from .io import normalize, robust_range
 from .prompts import (KIND_INDEX, AxisLike, BBox, Click, MaskPrompt, Prompt, PromptError, ijk_axis,
                       numpy_axis, prompt_points, render_prompt_maps, validate)
-from .interpolation import gap_prior
 from .scheduler import SliceResult, WalkRequest, drive_walks, plan_walks
 from .settings import EngineSettings
-from .ssim import DrawnLook, blur, end_features, end_score, ssim
+from .ssim import blur
+from .walk import Walker
 
 
 class SeedWarning(UserWarning):
@@ -80,8 +80,9 @@ class _Reference:
 _SESSION_IDS = itertools.count()
 
 
-class PropagationSession:
-    """Holds one volume, its anchors and the propagated result; see the module docstring."""
+class PropagationSession(Walker):
+    """Holds one volume, its anchors and the propagated result; see the module docstring.  The walks of a
+    propagation are in ``walk.Walker``."""
 
     def __init__(self, model: LoadedModel, settings: Optional[EngineSettings] = None):
         self.model = model
@@ -185,7 +186,7 @@ class PropagationSession:
         validate(MaskPrompt(int(source), mask), self.volume.shape, self.axis)
         if not mask.any():
             raise PromptError(f"the mask on slice {source} is empty: nothing to propagate from")
-        box = self._box_for(mask, None)
+        box = steady_box(mask, None, self.spacing, self.settings.margin)
         pm = render_prompt_maps(MaskPrompt(int(source), mask), box, self.model.size)
         prob, _ = self.model.predict(self._crop(int(slice_index), box), [self._crop(int(source), box)], [pm],
                                      [KIND_INDEX["mask"]])
@@ -198,7 +199,7 @@ class PropagationSession:
         An empty ``mask`` says "the structure is not here": in Slicer, a leak erased on this slice (the segment erased
         there, then re-propagate).  The nearest drawn slice with the structure then walks the whole gap up to it,
         judging each slice with the stop rule (``ssim.end_score``), and a walk that still reaches the empty slice is
-        cut at its least confident slice (``_cut_tail``).
+        cut at its least confident slice (``Walker._cut_tail``).
         """
         self._need_volume()
         validate(MaskPrompt(int(slice_index), mask), self.volume.shape, self.axis)
@@ -516,180 +517,12 @@ class PropagationSession:
         self._pending = sum(len(p[2]) for p in plan)
         return [self._walk(kind, start, slices, other) for kind, start, slices, other in plan]
 
-    def _walk(self, kind: str, start: int, slices: List[int], far: Optional[int]) -> Iterator[SliceResult]:
-        st = self.settings
-        # An empty anchor says "not on this slice": it prompts nothing, so a walk from it ends at once.
-        masks: Dict[int, np.ndarray] = {a: self.anchors[a] for a in (start, far)
-                                        if a is not None and self.anchors[a].any()}
-        # Slices of this walk's own span already computed (a walk resumed after a cancel) prompt the slices after
-        # them; nothing beyond the walk's anchors is used (an empty anchor must stop what lies behind it).
-        span = [start] + ([far] if far is not None else []) + list(slices)
-        for k in range(min(span), max(span) + 1):
-            if k in self._valid and k not in masks and k not in slices and k not in self.anchors:
-                m = self._result_slice(k).astype(bool)
-                if m.any():
-                    masks[k] = m
-        prior, weight = self._gap_prior(start, far) if kind == "gap" else (None, 0.0)
-        # Prompt maps of this walk's slices per crop: a slice prompts up to ``max_templates`` steps, and its mask in
-        # ``masks`` never changes within a walk (set once), so each is drawn once.
-        drawn_maps: Dict[Tuple[int, CropBox], np.ndarray] = {}
-        # The last step's probabilities (after the flow average) and crop, carried to the next step (_with_flow).
-        soft: Dict[int, Tuple[CropBox, np.ndarray]] = {}
-        stopped: Dict[int, bool] = {1: False, -1: False}
-        empties: Dict[int, int] = {1: 0, -1: 0}
-        # Past the outermost drawn slices (or towards one drawn empty) the structure may end: each slice is compared
-        # with the drawn slice the walk starts from (``ssim.end_score``).  Doubtful slices are kept unless a run of
-        # them ends the walk; then the whole run is erased.
-        look = DrawnLook.of(self._slice(start), self.anchors[start]) if kind == "out" and start in masks else None
-        doubtful: Dict[int, List[int]] = {1: [], -1: []}
-        boxes: Dict[int, Optional[CropBox]] = {1: None, -1: None}
-        for s in slices:
-            side = 1 if kind == "out" and s > start else -1 if kind == "out" else (1 if s - start <= far - s else -1)
-            # In a gap, side +1 walks up from ``start`` and -1 walks down from ``far``.
-            if kind == "gap":
-                prev = s - 1 if side == 1 else s + 1
-            else:
-                prev = s - 1 if s > start else s + 1
-            if stopped[side]:
-                self._store(s, np.zeros(self._slice(s).shape, bool), 0.0)
-                yield SliceResult(s, self._result_slice(s).astype(bool), 0.0, False, 0, 0, -1)
-                continue
-            req, src, rep, box = self._prepare(s, prev, masks, kind == "gap" and abs((far - s) - (s - start)) <= 1,
-                                               boxes[side], drawn_maps)
-            if req is None:
-                mask, q = np.zeros(self._slice(s).shape, bool), 0.0
-            else:
-                prob, q = yield req
-                before = soft.pop(src, None)  # used once: a later step prompted by ``src`` carries its mask
-                prob = self._with_flow(prob, src, s, box, masks[src],
-                                       before[1] if before is not None and before[0] == box else None)
-                soft[s] = (box, prob)
-                mask = self._paste(prob, box, self._slice(s).shape, prior(s) if prior else None, weight)
-                boxes[side] = box
-            # Between two drawn slices the object is known to go on: there only an empty prediction ends a walk.
-            empty = not mask.any() or (kind != "gap" and q < st.min_quality)
-            doubt = False
-            if not empty and look is not None:
-                self.end_features[s] = end_features(look, self._slice(s), mask, q)
-                doubt = end_score(self.end_features[s], st.end_weights) > st.end_threshold
-            empties[side] = empties[side] + 1 if empty or doubt else 0
-            if doubt:
-                doubtful[side].append(s)
-            elif not empty:
-                doubtful[side] = []  # the run is over: its doubtful slices stay
-            if empty:
-                mask = np.zeros_like(mask)
-            else:
-                masks[s] = mask
-            self._store(s, mask, q)
-            if empties[side] >= st.stop_after_empty:
-                stopped[side] = True
-            yield SliceResult(s, mask, q, rep, 0, 0, src)
-            if stopped[side]:
-                for k in doubtful[side]:  # the run that ended the walk lies past the structure's end
-                    masks.pop(k, None)
-                    self._store(k, np.zeros(self._slice(k).shape, bool), 0.0)
-                    yield SliceResult(k, self._result_slice(k).astype(bool), 0.0, False, 0, 0, -1)
-                doubtful[side] = []
-        if (st.cut_tail and kind == "out" and far is not None and slices and abs(slices[-1] - far) == 1
-                and not self.anchors[far].any()):
-            yield from self._cut_tail(slices)
-
-    def _cut_tail(self, slices: List[int]) -> Iterator[SliceResult]:
-        """A walk that reached a slice drawn empty without stopping ran past the structure's end, somewhere on the
-        way: cut it at its least confident slice, not in the first ``cut_from`` of the walk (near its anchor), if
-        that slice stands out (``cut_drop`` below the walk's median quality)."""
-        if not self._result_slice(slices[-1]).any():
-            return
-        late = [s for s in slices[int(len(slices) * self.settings.cut_from):] if self._result_slice(s).any()]
-        weakest = min(late[::-1], key=lambda k: self.quality.get(k, 1.0))  # ties: cut the least
-        typical = float(np.median([self.quality.get(k, 1.0) for k in slices if self._result_slice(k).any()]))
-        if self.quality.get(weakest, 1.0) > typical - self.settings.cut_drop:
-            return  # no slice stands out as doubtful: the structure ends just before the empty slice
-        cut = slices.index(weakest)
-        for s in slices[cut:]:
-            self._store(s, np.zeros(self._slice(s).shape, bool), 0.0)
-            yield SliceResult(s, self._result_slice(s).astype(bool), 0.0, False, 0, 0, -1)
-
-    def _gap_prior(self, a: int, b: int) -> Tuple[Optional[Callable[[int], np.ndarray]], float]:
-        """(slice -> interpolated-shape probabilities between anchors a and b, its blending weight), or (None, 0)
-        where not used (``interpolation.gap_prior``)."""
-        return gap_prior(self.settings, a, b, self.anchors[a], self.anchors[b], self.spacing, self._slice(a).shape,
-                         self.model.size, self._flow)
-
     def _store(self, s: int, mask: np.ndarray, q: float) -> None:
         if s in self.anchors:  # never overwrite a locked slice
             return
         self._set_result(s, mask)
         self.quality[s] = q
         self._valid.add(s)
-
-    def _box_for(self, mask: np.ndarray, previous: Optional[CropBox]) -> CropBox:
-        """The crop for a prompt mask; the previous step's crop is kept while it still fits (within 10-25%).
-
-        Keeping the crop steady lets a slice's encoder features, computed when it was the query, be reused when it
-        is a template, and avoids jitter.
-        """
-        fresh = crop_around(mask, mask.shape, self.spacing, self.settings.margin)
-        if previous is not None and 0.8 * fresh.h <= previous.h <= 1.25 * fresh.h:
-            dr = abs((fresh.r0 + fresh.h / 2) - (previous.r0 + previous.h / 2))
-            dc = abs((fresh.c0 + fresh.w / 2) - (previous.c0 + previous.w / 2))
-            if dr <= 0.1 * previous.h and dc <= 0.1 * previous.w:
-                return previous
-        return fresh
-
-    def _prepare(self, s: int, prev: int, masks: Dict[int, np.ndarray], meeting: bool, prev_box: Optional[CropBox],
-                 drawn_maps: Dict[Tuple[int, CropBox], np.ndarray]
-                 ) -> Tuple[Optional[WalkRequest], int, bool, Optional[CropBox]]:
-        """What predicting slice ``s`` needs: (model request or None when no prompt is in reach, source slice,
-        re-prompted, crop).  ``drawn_maps`` caches the walk's prompt maps by (slice, crop)."""
-        st = self.settings
-        # The main prompt: the nearest non-empty prediction on this side (prev, or further back after empties).
-        src = prev
-        step = prev - s
-        while src not in masks and abs(src - s) <= st.max_prompt_distance and 0 <= src < self.n:
-            src += step
-        if src not in masks:
-            return None, -1, False, prev_box
-        box = self._box_for(masks[src], prev_box)
-        reprompted = False
-        # ``masks`` holds only non-empty masks (``_walk`` adds no other), so none is tested again here.
-        cand = [k for k in masks if k != src and abs(k - s) <= st.max_prompt_distance]
-        if st.reprompt and cand:
-            sim_src = ssim(self._crop(s, box, st.ssim_sigma), self._crop(src, box, st.ssim_sigma))
-            if sim_src < st.ssim_threshold:
-                sims = {k: ssim(self._crop(s, box, st.ssim_sigma), self._crop(k, box, st.ssim_sigma)) for k in cand}
-                best = max(sims, key=sims.get)
-                if sims[best] > sim_src:
-                    src, reprompted = best, True
-                    box = self._box_for(masks[src], None)
-        templates = [src]
-        # Growing context: the meeting slice of a gap sees both sides; then anchors; then nearest trusted slices.
-        extra = []
-        if meeting:
-            other = s + 1 if src < s else s - 1
-            if other in masks:
-                extra.append(other)
-        # Beyond the meeting slice, only slices on the main prompt's side: a drawn slice on the far side, rendered
-        # in a crop made for this side's object, can make the model lose the object (seen with onepromptseg-v2).
-        behind = [k for k in masks if (k - s) * (src - s) > 0]
-        extra += sorted((k for k in self.anchors if k in behind), key=lambda k: abs(k - s))
-        extra += sorted((k for k in cand if k in behind), key=lambda k: abs(k - s))
-        for k in extra:
-            if len(templates) >= st.max_templates:
-                break
-            if k not in templates and abs(k - s) <= st.max_prompt_distance:
-                templates.append(k)
-        imgs = [self._crop(k, box) for k in templates]
-        if len(drawn_maps) > 4 * st.max_templates:  # older crops are not read again: keep the cache small
-            drawn_maps.clear()
-        for k in templates:
-            if (k, box) not in drawn_maps:
-                drawn_maps[k, box] = render_prompt_maps(MaskPrompt(k, masks[k]), box, self.model.size)
-        pms = [drawn_maps[k, box] for k in templates]
-        keys = [(self._uid, k, box) for k in [s] + templates]
-        request = WalkRequest(self._crop(s, box), imgs, pms, [KIND_INDEX["mask"]] * len(templates), keys)
-        return request, src, reprompted, box
 
     def _seed_from_references(self, lo: int, hi: int) -> None:
         """One-Prompt mode without an anchor: find the slice the references match best and make it the seed."""
