@@ -21,8 +21,9 @@ the warped labels is then refined by a 2D registration of its own (:func:`refine
 Images may differ in size, spacing, orientation and origin: everything is in physical (LPS) space.  A B-spline stage
 after the affine one and an exhaustive search of shifts before it were measured and dropped (docs/BENCHMARKS.md).
 
-``progress`` callbacks receive (pyramid level, iteration) and return False to cancel: the registration stops and
-:class:`Cancelled` is raised (the Slicer module's cancel button).
+``progress`` callbacks receive (stage, step) and return False to cancel: the registration stops and
+:class:`Cancelled` is raised (the Slicer module's cancel button).  Stages 0-2 are the affine's pyramid levels (step:
+the optimiser's iteration), stage 3 the refinement slice by slice (step: slices done).
 """
 from __future__ import annotations
 
@@ -40,8 +41,10 @@ from .settings import EngineSettings
 if TYPE_CHECKING:
     import SimpleITK as sitk
 
-#: called as progress(pyramid level 0..2, iteration) at each optimiser iteration; returning False cancels
-ProgressCallback = Callable[[str, int], bool]
+#: called as progress(stage, step): stages 0-2 the affine's pyramid levels at each optimiser iteration, stage
+#: ``SLICEWISE`` each slice of ``refine_slicewise``; returning False cancels
+ProgressCallback = Callable[[int, int], bool]
+SLICEWISE = 3
 
 
 class Cancelled(Exception):
@@ -201,7 +204,7 @@ def refine_slicewise(prior: np.ndarray, template: Volume, target: Volume, transf
 
     fits = {}
     for n, k in enumerate(slices):
-        if progress is not None and progress(2, n) is False:
+        if progress is not None and progress(SLICEWISE, n) is False:
             raise Cancelled("registration cancelled")
         if moving_all[k].std() == 0 or fixed_all[k].std() == 0:
             continue

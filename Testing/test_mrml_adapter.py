@@ -307,9 +307,13 @@ def test_a_leak_erased_in_the_segment_editor_ends_the_structure_there():
     assert not result[top + 1:].any() and np.array_equal(result, case.truth)
 
 
-def _template_case():
-    case = Case(SHIFT_R)
-    template_image, template_truth = ball_image(SHAPE, IJK_TO_RAS, (IJK_TO_RAS @ [22, 38, 16, 1.0])[:3], RADIUS)
+def _template_case(shape=SHAPE):
+    """This volume (``Case``) and a template patient's volume of the same ``shape`` with its drawn segment, the ball
+    a few voxels away from this volume's."""
+    case = Case(SHIFT_R, shape=shape, ball_ijk=(*BALL_IJK[:2], min(BALL_IJK[2], shape[0] // 2)))
+    template_k = min(16, shape[0] // 2)
+    template_image, template_truth = ball_image(shape, IJK_TO_RAS, (IJK_TO_RAS @ [22, 38, template_k, 1.0])[:3],
+                                                RADIUS)
     template = add_volume(case.scene, template_image, IJK_TO_RAS, "template")
     template_seg = add_segmentation(case.scene, ["drawn"], reference=template, name="template segmentation")
     draw(template_seg, "drawn", template_truth, template)
@@ -342,6 +346,26 @@ def test_cancel_during_the_template_registration_writes_nothing():
     assert summary["cancelled"] and summary["computed"] == 0
     assert len(segment_voxels_world(case.segmentation, "target")[0]) == 0 and node_counts(case.scene) == counts
     assert not case.logic.canUndo(case.segmentation)
+
+
+def test_template_mode_on_a_short_stack_fits_each_slice_and_can_be_cancelled_there():
+    """A short stack (16 slices, as a cardiac cine MRI): after the affine, each slice is fitted on its own
+    (``template.refine_slicewise``), with its own progress message; cancelling there writes nothing either."""
+    case, template, template_seg = _template_case(shape=(16, 64, 64))
+    counts = node_counts(case.scene)
+    messages = []
+
+    def progress(result=None, message=None):
+        messages.append(message or "")
+        return not (message or "").startswith("Fitting the template")
+
+    summary = case.logic.segment(case.volume, case.segmentation, "target", PROMPT_MASK, templateVolumeNode=template,
+                                 templateSegmentationNode=template_seg, templateSegmentId="drawn",
+                                 progressCallback=progress)
+    assert summary["cancelled"] and summary["computed"] == 0
+    assert any(m.startswith("Registering the template") for m in messages)
+    assert "slice by slice" in messages[-1]
+    assert len(segment_voxels_world(case.segmentation, "target")[0]) == 0 and node_counts(case.scene) == counts
 
 
 # ------------------------------------------------------------------------------------------------ the effect's write

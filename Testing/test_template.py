@@ -13,8 +13,8 @@ from OnePromptSegLib import cli
 from OnePromptSegLib.io import Volume
 from OnePromptSegLib.prompts import PromptError
 from OnePromptSegLib.sample import dice, make_demo_volume
-from OnePromptSegLib.template import (Cancelled, refine_slicewise, register_template, template_session,
-                                      warp_mask)
+from OnePromptSegLib.template import (SLICEWISE, Cancelled, refine_slicewise, register_template,
+                                      template_session, warp_mask)
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +81,17 @@ def test_template_session_refines_and_can_be_cancelled(pair, model):
         pass
     assert dice(session.result, target_truth) >= 0.75
     with pytest.raises(Cancelled):
-        template_session(model, target, template, truth, progress=lambda level, iteration: iteration < 3)
+        template_session(model, target, template, truth, progress=lambda stage, step: step < 3)
+    # The target is a short stack (20 slices): after the affine, the refinement slice by slice reports its own
+    # stage and can be cancelled there too.
+    stages = []
+
+    def refusing_slices(stage, step):
+        stages.append(stage)
+        return stage != SLICEWISE
+    with pytest.raises(Cancelled):
+        template_session(model, target, template, truth, progress=refusing_slices)
+    assert stages[-1] == SLICEWISE and set(stages[:-1]) <= {0, 1, 2}
 
 
 def _write(volume: Volume, array, path) -> str:

@@ -105,10 +105,11 @@ class PropagationLogic:
         scribbleBackgroundId.  With ``templateVolumeNode`` (One-Prompt mode) the prompts are read on the template
         volume and segment this volume: a template segment (mask prompt) is registered to this volume and its
         warped labels seed the engine (``OnePromptSegLib.template``; progress and cancel during the registration);
-        points, a box or scribbles on the template seed it through the model alone (One-Prompt's seed search).  ``progressCallback`` returning
-        False cancels, keeping what was done.  ``writer`` replaces the default write (the Segment Editor effect
-        passes its own).  ``followAnatomy=False`` turns off the engine's optical flow (``NO_FLOW``): faster, less
-        accurate.  Every input is checked before any work; an error leaves the scene as it was.
+        points, a box or scribbles on the template seed it through the model alone (One-Prompt's seed search).
+        ``progressCallback`` returning False cancels, keeping what was done.  ``writer`` replaces the default write
+        (the Segment Editor effect passes its own).  ``followAnatomy=False`` turns off the engine's optical flow
+        (``NO_FLOW``): faster, less accurate.  Every input is checked before any work; an error leaves the scene as
+        it was.
         """
         from OnePromptSegLib.session import PropagationSession
         from OnePromptSegLib.settings import NO_FLOW, EngineSettings
@@ -173,15 +174,19 @@ class PropagationLogic:
                          templateSegmentationNode, templateSegmentId, progressCallback):
         """A session over this volume seeded from the template segment: registered (affine, SimpleITK), warped, and
         anchored on its most trustworthy slice.  None when the user cancels during the registration."""
-        from OnePromptSegLib.template import Cancelled, template_session
+        from OnePromptSegLib.template import SLICEWISE, Cancelled, template_session
         templateMask = readSegment(templateSegmentationNode, templateSegmentId, templateVolumeNode)
 
-        def progress(level, iteration):
+        def progress(stage, step):
             if progressCallback is None:
                 return True
-            return progressCallback(message=_("Registering the template to this volume (level {level} of 3, "
-                                              "iteration {iteration})...").format(level=level + 1,
-                                                                                  iteration=iteration)) is not False
+            if stage == SLICEWISE:
+                message = _("Fitting the template to this volume slice by slice ({done} slices done)...").format(
+                    done=step)
+            else:
+                message = _("Registering the template to this volume (level {level} of 3, iteration {iteration})..."
+                            ).format(level=stage + 1, iteration=step)
+            return progressCallback(message=message) is not False
         try:
             session, _prior = template_session(model, libraryVolume(volumeNode, image),
                                                libraryVolume(templateVolumeNode, templateImage), templateMask, axis,
