@@ -37,7 +37,7 @@ from scipy import ndimage as ndi
 
 from .checkpoints import LoadedModel
 from .clicks import drop_clicked_parts, pick_extent, pixel, refine_outline
-from .crops import CropBox, crop_around, extract, paste, steady_box
+from .crops import CropBox, crop_around, extract, paste
 from .flow import pool, resize_flow, tvl1, warp_mask
 from .io import normalize, robust_range
 from .prompts import (KIND_INDEX, AxisLike, BBox, Click, MaskPrompt, Prompt, PromptError, ijk_axis,
@@ -186,7 +186,7 @@ class PropagationSession(Walker):
         validate(MaskPrompt(int(source), mask), self.volume.shape, self.axis)
         if not mask.any():
             raise PromptError(f"the mask on slice {source} is empty: nothing to propagate from")
-        box = steady_box(mask, None, self.spacing, self.settings.margin)
+        box = crop_around(mask, mask.shape, self.spacing, self.settings.margin)
         pm = render_prompt_maps(MaskPrompt(int(source), mask), box, self.model.size)
         prob, _ = self.model.predict(self._crop(int(slice_index), box), [self._crop(int(source), box)], [pm],
                                      [KIND_INDEX["mask"]])
