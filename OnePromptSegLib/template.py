@@ -202,13 +202,13 @@ def refine_slicewise(prior: np.ndarray, template: Volume, target: Volume, transf
         im.SetSpacing(spacing)
         return im
 
+    grow = [int(np.ceil(settings.slice_margin_mm / s)) for s in (spacing[1], spacing[0])]  # rows, cols
     fits = {}
     for n, k in enumerate(slices):
         if progress is not None and progress(SLICEWISE, n) is False:
             raise Cancelled("registration cancelled")
         if moving_all[k].std() == 0 or fixed_all[k].std() == 0:
             continue
-        grow = [int(np.ceil(settings.slice_margin_mm / s)) for s in (spacing[1], spacing[0])]
         box = np.zeros(inside[k].shape, np.uint8)
         r, c = np.flatnonzero(inside[k].any(axis=1)), np.flatnonzero(inside[k].any(axis=0))
         box[max(0, r[0] - grow[0]):r[-1] + grow[0] + 1, max(0, c[0] - grow[1]):c[-1] + grow[1] + 1] = 1
